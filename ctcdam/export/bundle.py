@@ -1,0 +1,208 @@
+"""The review bundle ``OUT/<scan_id>/`` of an explained scan (DESIGN.md §7).
+
+Everything is written into ``OUT/.<scan_id>.tmp-<pid>/`` and renamed to ``OUT/<scan_id>`` at the end, so an
+interrupted run never leaves a half-written bundle under the final name (a previous bundle stays intact
+until the new one is complete). Temporary folders of runs that died are removed by the next run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctcdam.export import naming
+from ctcdam.export.colors import nodule_color, write_color_table
+from ctcdam.export.markups import Fiducial, write_fiducials
+from ctcdam.export.report import write_report
+from ctcdam.export.result import NoduleResult, ScanResult
+from ctcdam.export.review_script import write_review_script
+from ctcdam.export.scene import MapVolume, SceneSpec, write_scene, write_scene_bundle
+from ctcdam.export.segmentation import Segment, write_segmentation
+from ctcdam.export.volumes import ct_volume, symmetric_window, write_volume
+from ctcdam.targets import MALIGNANCY, TARGETS, VIEWS
+
+log = logging.getLogger(__name__)
+
+
+class BundleError(RuntimeError):
+    """A bundle cannot be written (the output location is unusable)."""
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: non-finite floats become null, numpy scalars plain numbers."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _value_text(value: float | None) -> str:
+    return "na" if value is None or not math.isfinite(float(value)) else f"{float(value):.4g}"
+
+
+def nodule_map_files(nodule: NoduleResult) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Bundle-relative files of a nodule's 3D maps and view maps."""
+    maps = {name: naming.map_file(nodule.index, name) for name in nodule.maps}
+    views = {name: {view: naming.map_file(nodule.index, name, view) for view in per_view}
+             for name, per_view in nodule.view_maps.items()}
+    return maps, views
+
+
+def predictions_document(scan: ScanResult) -> dict[str, Any]:
+    """The ``predictions.json`` content of a scan."""
+    nodules = []
+    for nodule in scan.nodules:
+        maps, views = nodule_map_files(nodule)
+        nodules.append({
+            "nodule_id": nodule.nodule_id,
+            "index": nodule.index,
+            "folder": naming.nodule_dir(nodule.index),
+            "centroid_lps": list(nodule.centroid_lps),
+            "labelled": nodule.labelled,
+            "note": nodule.note,
+            "predictions": dict(nodule.predictions),
+            "radiologists": dict(nodule.radiologists),
+            "model_outputs": dict(nodule.model_outputs),
+            "maps": maps,
+            "view_maps": views,
+        })
+    document = {"scan_id": scan.scan_id, "checkpoint": scan.checkpoint, "method": scan.method,
+                "note": scan.note, **dict(scan.details), "nodules": nodules}
+    return _finite(document)
+
+
+def _segments(scan: ScanResult) -> list[Segment]:
+    segments = []
+    for nodule in scan.nodules:
+        tags = {"nodule_id": nodule.nodule_id, "labelled": str(nodule.labelled).lower()}
+        tags |= {f"pred_{t}": _value_text(v) for t, v in nodule.predictions.items()}
+        tags |= {f"radiologists_{t}": _value_text(v) for t, v in nodule.radiologists.items()}
+        segments.append(Segment(segment_id=f"nodule_{nodule.index}", name=f"Nodule {nodule.index}",
+                                color=nodule_color(nodule.index), mask=nodule.consensus_mask, tags=tags))
+    return segments
+
+
+def _fiducial(nodule: NoduleResult) -> Fiducial:
+    probability = nodule.predictions.get(MALIGNANCY)
+    label = f"N{nodule.index}" + (f" p(malig)={probability:.2f}" if probability is not None else "")
+    parts = [f"{t}={_value_text(v)} (readers {_value_text(nodule.radiologists.get(t))})"
+             for t, v in nodule.predictions.items()]
+    status = "" if nodule.labelled else " [unlabelled]"
+    return Fiducial(point_id=str(nodule.index), label=label + status,
+                    description=f"LIDC nodule {nodule.nodule_id}: " + "; ".join(parts),
+                    position_lps=tuple(float(v) for v in nodule.centroid_lps))
+
+
+def _scene_maps(scan: ScanResult) -> tuple[list[MapVolume], str | None]:
+    """The heat maps the scene loads (the 3D maps, or the view maps when there are none) and the foreground file."""
+    volumes = []
+    for nodule in scan.nodules:
+        maps, views = nodule_map_files(nodule)
+        if maps:
+            entries = [(name, file, nodule.maps[name]) for name, file in maps.items()]
+        else:
+            entries = [(f"{name} {view}", file, nodule.view_maps[name][view])
+                       for name, per_view in views.items() for view, file in per_view.items()]
+        volumes += [MapVolume(name=f"N{nodule.index} CDAM {label}", file=file, half_window=symmetric_window(image))
+                    for label, file, image in entries]
+    if not volumes:
+        return volumes, None
+    first = scan.nodules[0].index
+    preferred = [naming.map_file(first, MALIGNANCY)] + [naming.map_file(first, MALIGNANCY, v) for v in VIEWS]
+    files = [volume.file for volume in volumes]
+    return volumes, next((file for file in preferred if file in files), files[0])
+
+
+def _write_contents(scan: ScanResult, folder: Path) -> None:
+    write_volume(ct_volume(scan.ct), folder / naming.CT_FILE)
+    for nodule in scan.nodules:
+        maps, views = nodule_map_files(nodule)
+        for name, file in maps.items():
+            write_volume(nodule.maps[name], folder / file)
+        for name, per_view in views.items():
+            for view, file in per_view.items():
+                write_volume(nodule.view_maps[name][view], folder / file)
+    write_color_table(folder / naming.COLOR_TABLE_FILE)
+    segmentation_file = markups_file = None
+    if scan.nodules:
+        segmentation_file, markups_file = naming.SEGMENTATION_FILE, naming.MARKUPS_FILE
+        write_segmentation(_segments(scan), scan.ct, folder / segmentation_file)
+        write_fiducials([_fiducial(n) for n in scan.nodules], folder / markups_file)
+        write_report(scan, folder / naming.REPORT_FILE)
+    (folder / naming.PREDICTIONS_FILE).write_text(json.dumps(predictions_document(scan), indent=2) + "\n")
+    maps, foreground = _scene_maps(scan)
+    spec = SceneSpec(ct_file=naming.CT_FILE, color_table_file=naming.COLOR_TABLE_FILE, maps=tuple(maps),
+                     foreground_file=foreground, segmentation_file=segmentation_file, markups_file=markups_file)
+    scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
+    focus = scan.nodules[0].centroid_lps if scan.nodules else None
+    write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
+    write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out_root: Path, scan_id: str) -> None:
+    for stale in [*out_root.glob(f".{scan_id}.tmp-*"), *out_root.glob(f".{scan_id}.old-*")]:
+        pid_text = stale.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+            log.info("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def prepare_output_root(out_root: Path) -> Path:
+    """Check (and create) the output folder; BundleError with one sentence when it cannot hold bundles."""
+    if out_root.exists() and not out_root.is_dir():
+        raise BundleError(f"--out {out_root} is a file, not a folder; give a folder for the review bundles")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BundleError(f"cannot create the output folder {out_root}: {error.strerror or error}") from None
+    if not os.access(out_root, os.W_OK):
+        raise BundleError(f"the output folder {out_root} is not writable")
+    return out_root
+
+
+def write_bundle(scan: ScanResult, out_root: Path) -> Path:
+    """Write the review bundle of ``scan`` to ``out_root/<scan_id>`` (replacing an older one) and return it."""
+    for name in TARGETS:
+        if naming.looks_like_labelmap(f"cdam_{name}"):  # a new target name must never turn a heat map into labels
+            raise BundleError(f"target name {name!r} would make Slicer load its heat map as a label map")
+    out_root = prepare_output_root(Path(out_root))
+    _remove_stale_temporaries(out_root, scan.scan_id)
+    final = out_root / scan.scan_id
+    temporary = out_root / f".{scan.scan_id}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        temporary.mkdir()
+        _write_contents(scan, temporary)
+        if final.exists():
+            previous = out_root / f".{scan.scan_id}.old-{os.getpid()}"
+            os.replace(final, previous)
+            os.replace(temporary, final)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,205 @@
+"""Header-only index of the DICOM files of one LIDC patient folder, cached on disk.
+
+Both TCIA layouts live under ``<root>/<patient_id>/``: the old ``<studyUID>/<seriesUID>/*.dcm`` and the
+newer ``<date-desc>/<num-desc>/1-001.dcm``. The index walks the patient folder, reads the header of every
+``.dcm`` file (any case) without its pixels, and groups the files by SeriesInstanceUID, so other series in
+the same folder (localizers, CR/DX) are simply other keys. The headers are cached as JSON keyed by each
+file's size and mtime: a rerun reads no header twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+from ctcdam.lidc.io import write_text_atomic
+
+#: Bump when SliceHeader changes: older caches are then ignored, never misread.
+CACHE_VERSION = 1
+
+#: The header tags the strict loader needs (name -> DICOM tag, for error messages).
+HEADER_TAGS: dict[str, str] = {
+    "StudyInstanceUID": "(0020,000D)",
+    "SeriesInstanceUID": "(0020,000E)",
+    "InstanceNumber": "(0020,0013)",
+    "ImagePositionPatient": "(0020,0032)",
+    "ImageOrientationPatient": "(0020,0037)",
+    "PixelSpacing": "(0028,0030)",
+    "Rows": "(0028,0010)",
+    "Columns": "(0028,0011)",
+    "RescaleIntercept": "(0028,1052)",
+    "RescaleSlope": "(0028,1053)",
+}
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the loader needs from one DICOM file; a tag absent from the file is None."""
+
+    path: str  # relative to the patient folder
+    study_uid: str | None
+    series_uid: str | None
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    rows: int | None
+    columns: int | None
+    rescale_intercept: float | None
+    rescale_slope: float | None
+
+    def missing_tags(self) -> list[str]:
+        """Names (with tag numbers) of the loader's required tags absent from this file."""
+        values = {
+            "StudyInstanceUID": self.study_uid,
+            "SeriesInstanceUID": self.series_uid,
+            "InstanceNumber": self.instance_number,
+            "ImagePositionPatient": self.position,
+            "ImageOrientationPatient": self.orientation,
+            "PixelSpacing": self.pixel_spacing,
+            "Rows": self.rows,
+            "Columns": self.columns,
+            "RescaleIntercept": self.rescale_intercept,
+            "RescaleSlope": self.rescale_slope,
+        }
+        return [f"{name} {HEADER_TAGS[name]}" for name, value in values.items() if value is None]
+
+
+@dataclass(frozen=True)
+class UnreadableFile:
+    """A ``.dcm`` file whose header could not be parsed (truncated, not DICOM, ...)."""
+
+    path: str  # relative to the patient folder
+    error: str
+
+
+@dataclass(frozen=True)
+class PatientIndex:
+    """All DICOM headers under ``<root>/<patient_id>``, grouped by SeriesInstanceUID."""
+
+    patient_dir: Path
+    series: dict[str, tuple[SliceHeader, ...]]
+    unreadable: tuple[UnreadableFile, ...]
+
+    def files_of(self, series_uid: str) -> tuple[SliceHeader, ...]:
+        """The headers of one series (empty when the series is absent)."""
+        return self.series.get(series_uid, ())
+
+
+def is_dicom_name(name: str) -> bool:
+    """A file the index considers: ``.dcm`` in any case, not hidden."""
+    return name.lower().endswith(".dcm") and not name.startswith(".")
+
+
+def _dicom_files(patient_dir: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(patient_dir):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if is_dicom_name(name):
+                yield Path(dirpath) / name
+
+
+def _optional(ds: pydicom.Dataset, keyword: str, convert):
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return convert(value)
+
+
+def _floats(value) -> tuple[float, ...]:
+    return tuple(float(v) for v in value)
+
+
+def read_slice_header(path: Path, patient_dir: Path) -> SliceHeader:
+    """Read one file's header (pixels skipped); raises pydicom/OS errors for unreadable files."""
+    ds = pydicom.dcmread(
+        path, stop_before_pixels=True, specific_tags=[Tag(keyword) for keyword in HEADER_TAGS]
+    )
+    return SliceHeader(
+        path=path.relative_to(patient_dir).as_posix(),
+        study_uid=_optional(ds, "StudyInstanceUID", lambda v: str(v).strip()),
+        series_uid=_optional(ds, "SeriesInstanceUID", lambda v: str(v).strip()),
+        instance_number=_optional(ds, "InstanceNumber", int),
+        position=_optional(ds, "ImagePositionPatient", _floats),
+        orientation=_optional(ds, "ImageOrientationPatient", _floats),
+        pixel_spacing=_optional(ds, "PixelSpacing", _floats),
+        rows=_optional(ds, "Rows", int),
+        columns=_optional(ds, "Columns", int),
+        rescale_intercept=_optional(ds, "RescaleIntercept", float),
+        rescale_slope=_optional(ds, "RescaleSlope", float),
+    )
+
+
+def _file_key(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _load_cache(cache_file: Path | None, patient_dir: Path) -> dict:
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged cache is rebuilt, never trusted
+    if cached.get("version") != CACHE_VERSION or cached.get("patient_dir") != str(patient_dir):
+        return {}
+    return cached.get("files", {})
+
+
+def _tuple_fields(header: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in header.items()}
+
+
+def index_patient(root: Path, patient_id: str, cache_dir: Path | None = None) -> PatientIndex:
+    """Index ``<root>/<patient_id>`` (both TCIA layouts); reuses and refreshes ``<cache_dir>/<patient_id>.json``."""
+    patient_dir = Path(root).resolve() / patient_id
+    if not patient_dir.is_dir():
+        raise FileNotFoundError(f"no folder {patient_dir} for {patient_id} under the LIDC root {root}")
+    cache_file = Path(cache_dir) / f"{patient_id}.json" if cache_dir is not None else None
+    cached = _load_cache(cache_file, patient_dir)
+    entries: dict[str, dict] = {}
+    changed = False
+    for path in _dicom_files(patient_dir):
+        rel = path.relative_to(patient_dir).as_posix()
+        key = _file_key(path)
+        entry = cached.get(rel)
+        if entry is None or entry.get("key") != key:
+            changed = True
+            try:
+                entry = {"key": key, "header": asdict(read_slice_header(path, patient_dir))}
+            except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
+                entry = {"key": key, "error": f"{type(error).__name__}: {error}"}
+        entries[rel] = entry
+    changed = changed or set(entries) != set(cached)
+    if cache_file is not None and changed:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": CACHE_VERSION, "patient_dir": str(patient_dir), "files": entries}
+        write_text_atomic(cache_file, json.dumps(payload))
+    series: dict[str, list[SliceHeader]] = {}
+    unreadable: list[UnreadableFile] = []
+    for rel, entry in entries.items():
+        if "error" in entry:
+            unreadable.append(UnreadableFile(rel, entry["error"]))
+            continue
+        header = SliceHeader(**_tuple_fields(entry["header"]))
+        series.setdefault(header.series_uid or "", []).append(header)
+    return PatientIndex(
+        patient_dir=patient_dir,
+        series={uid: tuple(headers) for uid, headers in series.items()},
+        unreadable=tuple(unreadable),
+    )
+
+
+def patient_folders(root: Path) -> list[str]:
+    """Names of the sub-folders of a LIDC root (candidate patient ids), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LIDC root {root} is not a folder")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

