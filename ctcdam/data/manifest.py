@@ -39,7 +39,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist (run pipelines/preprocess.py first)")
-    frame = pd.read_csv(path, dtype={c: str for c in _ID_COLUMNS}, keep_default_na=True)
+    frame = pd.read_csv(path, dtype={c: str for c in (*_ID_COLUMNS, "malignancy_label")}, keep_default_na=True)
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}")
@@ -95,7 +95,11 @@ class CropGeometry:
 
 
 def read_crop(file: str | Path) -> tuple[np.ndarray, CropGeometry]:
-    """A (z, y, x) HU crop from a NIfTI file and its geometry; NaN/inf values raise naming the file."""
+    """A (z, y, x) HU crop from an image file and its geometry; NaN/inf values raise naming the file.
+
+    Note: NIfTI readers built on nifti_clib (ITK's included) turn non-finite voxels into 0 while reading,
+    so NaN can only be caught here for formats that keep it (NRRD, MHA); the preprocessing writes int16.
+    """
     try:
         image = sitk.ReadImage(str(file))
     except RuntimeError as err:

@@ -24,8 +24,10 @@ Two engines compute S for a batch of (possibly perturbed) last-block inputs and 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,8 @@ from torch import Tensor, nn
 
 from ctcdam.explain import vit
 from ctcdam.targets import target_index
+
+_log = logging.getLogger(__name__)
 
 #: A target: an output index, a target name from ``ctcdam.targets.TARGETS``, or a concept vector (1-D, size D).
 Target = int | str | Tensor
@@ -79,7 +83,7 @@ class TargetWeights:
         return self.output_weights.shape[0]
 
     def values(self, outputs: Tensor, embedding: Tensor) -> Tensor:
-        """Target values (..., n_targets) from outputs (..., n_targets, n_outputs) and embeddings (..., n_targets, D)."""
+        """Values (..., n_targets), target t read from copy t: outputs (..., T, n_outputs), embeddings (..., T, D)."""
         return (outputs * self.output_weights).sum(-1) + (embedding * self.embedding_weights).sum(-1)
 
     def all_values(self, outputs: Tensor, embedding: Tensor) -> Tensor:
@@ -89,8 +93,6 @@ class TargetWeights:
 
 def target_weights(targets: Sequence[Target], outputs: Tensor, embedding: Tensor) -> TargetWeights:
     """Resolve targets against a model's outputs (B, n_outputs) and head embedding (B, D) into linear functionals."""
-    if isinstance(targets, (int, str, Tensor)):
-        raise TypeError("targets must be a list (of output indices, target names or concept vectors)")
     if len(targets) == 0:
         raise ValueError("targets is empty: give at least one output index, target name or concept vector")
     n_outputs, dim = outputs.shape[-1], embedding.shape[-1]
@@ -149,6 +151,8 @@ def explain(
     """Explain ``targets`` of a timm ViT on ``images`` (B, C, H, W) with ``method``; see ``list_methods()``."""
     fn = get_method(method)
     vit.check_vit(model)
+    if isinstance(targets, (int, str)) or (isinstance(targets, Tensor) and targets.ndim < 2):
+        raise TypeError("targets must be a list (of output indices, target names or concept vectors)")
     if images.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
     reference = model.patch_embed.proj.weight
@@ -190,11 +194,22 @@ def _qkv_weights(attn: nn.Module) -> tuple[Tensor, ...]:
     """Per-head query, key and value weights (heads, head_dim, D) and biases (heads, head_dim)."""
     heads, head_dim = attn.num_heads, attn.head_dim
     weight = attn.qkv.weight.view(3, heads, head_dim, -1)
-    bias = attn.qkv.bias.view(3, heads, head_dim) if attn.qkv.bias is not None else weight.new_zeros(3, heads, head_dim)
+    bias = attn.qkv.bias if attn.qkv.bias is not None else weight.new_zeros(3 * heads * head_dim)
+    bias = bias.view(3, heads, head_dim)
     return weight[0], weight[1], weight[2], bias[0], bias[1], bias[2]
 
 
-def _cls_attention(model: VisionTransformer, x: Tensor) -> dict[str, Tensor | None]:
+class _ClsRow(NamedTuple):
+    """The CLS row of the last attention for R rows (n tokens, H heads)."""
+
+    tokens: Tensor  #: norm1 output T, (R, n, D)
+    key_logits: Tensor  #: q0_h . (k_hi - b_k,h) = T_i . W_k,h^T q0_h, (R, n, H)
+    probs: Tensor  #: CLS attention a_hi, (R, n, H)
+    head_outputs: Tensor  #: o_h = sum_i a_hi v_hi, (R, H, head_dim)
+    gate: Tensor | None  #: the optional output gate of the CLS row, (R, H * head_dim)
+
+
+def _cls_attention(model: VisionTransformer, x: Tensor) -> _ClsRow:
     """The last attention's CLS row, computed without forming any token's key or value (no autograd)."""
     block, attn = model.blocks[-1], model.blocks[-1].attn
     w_q, w_k, w_v, b_q, b_k, b_v = _qkv_weights(attn)
@@ -207,10 +222,12 @@ def _cls_attention(model: VisionTransformer, x: Tensor) -> dict[str, Tensor | No
     mixed_tokens = torch.bmm(probs.transpose(1, 2), tokens)  # sum_i a_hi T_i: (R, H, D)
     head_outputs = torch.einsum("rhd,hed->rhe", mixed_tokens, w_v) + b_v  # o_h (sum_i a_hi = 1): (R, H, hd)
     gate = attn.gate(tokens[:, 0]).sigmoid() if getattr(attn, "gate", None) is not None else None
-    return {"tokens": tokens, "key_logits": key_logits, "probs": probs, "head_outputs": head_outputs, "gate": gate}
+    return _ClsRow(tokens, key_logits, probs, head_outputs, gate)
 
 
-def _cls_tail(model: VisionTransformer, x_cls: Tensor, head_outputs: Tensor, gate: Tensor | None) -> tuple[Tensor, Tensor]:
+def _cls_tail(
+    model: VisionTransformer, x_cls: Tensor, head_outputs: Tensor, gate: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """(outputs, embedding) from the CLS row of the last block: attention projection, MLP, final norm, head."""
     block, attn = model.blocks[-1], model.blocks[-1].attn
     mixed = getattr(attn, "norm", nn.Identity())(head_outputs)
@@ -224,7 +241,7 @@ def _cls_tail(model: VisionTransformer, x_cls: Tensor, head_outputs: Tensor, gat
 def _cls_path_outputs(model: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor]:
     """(outputs, embedding) of the model from the last block's input, CLS row only."""
     row = _cls_attention(model, x)
-    return _cls_tail(model, x[:, 0], row["head_outputs"].flatten(1), row["gate"])
+    return _cls_tail(model, x[:, 0], row.head_outputs.flatten(1), row.gate)
 
 
 def _cls_path_scores(model: VisionTransformer, x: Tensor, weights: TargetWeights) -> Tensor:
@@ -234,10 +251,10 @@ def _cls_path_scores(model: VisionTransformer, x: Tensor, weights: TargetWeights
     rows, n_targets, heads = x.shape[0], len(weights), attn.num_heads
     with torch.no_grad():
         row = _cls_attention(model, x)
-    head_outputs = row["head_outputs"]
+    head_outputs = row.head_outputs
     # One copy of the CLS head output per target, so one backward gives every target's gradient.
     leaf = head_outputs.flatten(1).repeat_interleave(n_targets, 0).requires_grad_(True)
-    gate = row["gate"].repeat_interleave(n_targets, 0) if row["gate"] is not None else None
+    gate = row.gate.repeat_interleave(n_targets, 0) if row.gate is not None else None
     with torch.enable_grad():
         outputs, embedding = _cls_tail(model, x[:, 0].repeat_interleave(n_targets, 0), leaf, gate)
         values = weights.values(outputs.view(rows, n_targets, -1), embedding.view(rows, n_targets, -1))
@@ -245,11 +262,11 @@ def _cls_path_scores(model: VisionTransformer, x: Tensor, weights: TargetWeights
     with torch.no_grad():
         grad = grad.view(rows, n_targets, heads, -1)  # g_h: (R, T, H, hd)
         value_directions = torch.einsum("rthe,hed->rthd", grad, w_v)  # W_v,h^T g_h: (R, T, H, D)
-        value_terms = torch.bmm(row["tokens"], value_directions.flatten(1, 2).transpose(1, 2))
+        value_terms = torch.bmm(row.tokens, value_directions.flatten(1, 2).transpose(1, 2))
         value_terms = value_terms.view(rows, -1, n_targets, heads)  # T_i.W_v,h^T g_h: (R, n, T, H)
         centred = (grad * b_v).sum(-1) - (grad * head_outputs[:, None]).sum(-1)  # b_v.g_h - o_h.g_h: (R, T, H)
-        key_terms = attn.scale * row["key_logits"][:, :, None] * (value_terms + centred[:, None])
-        scores = (row["probs"][:, :, None] * (value_terms + key_terms)).sum(-1)  # (R, n, T)
+        key_terms = attn.scale * row.key_logits[:, :, None] * (value_terms + centred[:, None])
+        scores = (row.probs[:, :, None] * (value_terms + key_terms)).sum(-1)  # (R, n, T)
     return scores[:, vit.num_prefix_tokens(model) :].transpose(1, 2)
 
 
@@ -299,12 +316,16 @@ def _cdam_maps(
     ``schedule(x)`` gives the function that builds the rows of one chunk (rows ordered image-major, sample-minor);
     None means the unperturbed x.
     """
+    if schedule is None and n_samples != 1:
+        raise ValueError("unperturbed CDAM has exactly one sample per image")
     if engine not in ("auto", "cls", "general"):
         raise ValueError(f"engine must be 'auto', 'cls' or 'general', got {engine!r}")
     reason = cls_path_unsupported(model)
     if engine == "cls" and reason is not None:
         raise ValueError(f"the CLS-row engine cannot explain this model: {reason}")
     use_cls_path = engine == "cls" or (engine == "auto" and reason is None)
+    if not use_cls_path:
+        _log.debug("%s: full last block (general engine): %s", method, reason or "asked for")
     with torch.no_grad():
         x = vit.last_block_input(model, images)
         if use_cls_path:
@@ -323,7 +344,10 @@ def _cdam_maps(
     for start in range(0, batch * n_samples, chunk_rows):
         images_of_rows = image_index[start : start + chunk_rows]
         with torch.no_grad():
-            rows = x[images_of_rows] if perturb is None else perturb(images_of_rows, sample_index[start : start + chunk_rows])
+            if perturb is None:  # one unperturbed row per image: a view, no copy
+                rows = x[start : start + chunk_rows]
+            else:
+                rows = perturb(images_of_rows, sample_index[start : start + chunk_rows])
         totals.index_add_(0, images_of_rows, score_fn(model, rows, weights))
     grid = vit.grid_size(model, tuple(images.shape[-2:]))
     return Explanation(
@@ -340,13 +364,13 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator | None
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def smooth_noise_rows(x: Tensor, images_of_rows: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise for each row's block input, drawn row after row: one draw of x[i].shape per row.
+def normal_rows(like: Tensor, n_rows: int, generator: torch.Generator | None) -> Tensor:
+    """``n_rows`` standard normal draws of the shape of one row of ``like`` (n_rows, *like.shape[1:]), row by row.
 
-    Drawing row by row (image-major, sample-minor) makes the draws independent of the chunking and identical
-    to a loop that draws ``torch.randn(x[i:i+1].shape)`` per image and sample, as the reference code does.
+    Drawing each row separately makes the draws independent of how rows are chunked, and identical to a loop
+    that draws ``torch.randn(like[:1].shape)`` once per image and sample, as the reference code does.
     """
-    noise = x.new_empty((len(images_of_rows), *x.shape[1:]))
+    noise = like.new_empty((n_rows, *like.shape[1:]))
     for row in noise:
         row.normal_(generator=generator)
     return noise
@@ -386,7 +410,7 @@ def smooth_cdam(
         sigma = noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))
 
         def add_noise(images_of_rows: Tensor, sample_index: Tensor) -> Tensor:
-            draws = smooth_noise_rows(x, images_of_rows, generator)
+            draws = normal_rows(x, len(images_of_rows), generator)
             return draws.mul_(sigma[images_of_rows, None, None]).add_(x[images_of_rows])
 
         return add_noise

@@ -68,7 +68,7 @@ def importance_order(maps: Tensor, generator: torch.Generator | None = None) -> 
         generator = torch.Generator(device=flat.device).manual_seed(0)
     # A random shuffle before a stable sort breaks ties at random, so a flat map gains nothing from token order.
     shuffle = torch.rand(flat.shape, generator=generator, device=flat.device).argsort(-1)
-    ranked = flat.gather(-1, shuffle).argsort(-1, descending=True, stable=True)
+    ranked = torch.sort(flat.gather(-1, shuffle), dim=-1, descending=True, stable=True).indices
     return shuffle.gather(-1, ranked)
 
 
@@ -154,8 +154,10 @@ def perturbation_curves(
 
     def target_values(keep: Tensor, replace_with: Tensor | None, curves: int) -> Tensor:
         """Target outputs (curves, B, T) with only the ``keep`` (curves, B, T, N) tokens of each row present."""
-        rows = image_of_row.repeat(curves)
-        flat_keep = keep.reshape(-1, n_tokens)
+        # Identical (image, kept tokens) rows run once: every row at k = N, and all targets of a target-blind map.
+        key = torch.cat([image_of_row.repeat(curves)[:, None], keep.reshape(-1, n_tokens).long()], 1)
+        unique_key, row_of_key = torch.unique(key, dim=0, return_inverse=True)
+        rows, flat_keep = unique_key[:, 0], unique_key[:, 1:].bool()
         if replace_with is None:
             outputs = vit.forward_without_tokens(model, images[rows], flat_keep, batch_size=batch_size)
         else:
@@ -163,7 +165,7 @@ def perturbation_curves(
                 model(_paste_patches(images[part], replace_with[part], flat_keep[start : start + batch_size], grid))
                 for start, part in ((s, rows[s : s + batch_size]) for s in range(0, len(rows), batch_size))
             ])
-        chosen = outputs.gather(1, outputs_of_targets.repeat(curves)[:, None]).squeeze(1)
+        chosen = outputs[row_of_key].gather(1, outputs_of_targets.repeat(curves)[:, None]).squeeze(1)
         return chosen.view(curves, batch, n_targets)
 
     deletion_baseline = baseline if removal == "baseline" else None

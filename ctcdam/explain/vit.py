@@ -19,11 +19,11 @@ def check_vit(model: nn.Module) -> VisionTransformer:
     """Return ``model`` if it is a timm VisionTransformer whose forward can be split into its parts, else raise."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"explanations need a timm VisionTransformer, got {type(model).__name__}")
-    for name in ("forward", "forward_features"):
+    for name in ("forward", "forward_features", "forward_head"):
         if getattr(type(model), name) is not getattr(VisionTransformer, name):
             raise TypeError(
                 f"{type(model).__name__} overrides VisionTransformer.{name}; explanations split the forward into "
-                "patch embedding, blocks, final norm and forward_head, so wrap extra logic in the head instead"
+                "patch embedding, blocks, final norm, pooling and head, so put extra logic in the head module instead"
             )
     if len(model.blocks) < 1:
         raise ValueError("the VisionTransformer has no blocks to explain")

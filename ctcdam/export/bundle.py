@@ -20,6 +20,7 @@ import numpy as np
 from ctcdam.export import naming
 from ctcdam.export.colors import nodule_color, write_color_table
 from ctcdam.export.markups import Fiducial, write_fiducials
+from ctcdam.export.paths import BundleError, prepare_output_root
 from ctcdam.export.report import write_report
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.review_script import write_review_script
@@ -29,10 +30,6 @@ from ctcdam.export.volumes import ct_volume, symmetric_window, write_volume
 from ctcdam.targets import MALIGNANCY, TARGETS, VIEWS
 
 log = logging.getLogger(__name__)
-
-
-class BundleError(RuntimeError):
-    """A bundle cannot be written (the output location is unusable)."""
 
 
 def _finite(value: Any) -> Any:
@@ -167,19 +164,6 @@ def _remove_stale_temporaries(out_root: Path, scan_id: str) -> None:
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
             log.info("removing %s left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def prepare_output_root(out_root: Path) -> Path:
-    """Check (and create) the output folder; BundleError with one sentence when it cannot hold bundles."""
-    if out_root.exists() and not out_root.is_dir():
-        raise BundleError(f"--out {out_root} is a file, not a folder; give a folder for the review bundles")
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BundleError(f"cannot create the output folder {out_root}: {error.strerror or error}") from None
-    if not os.access(out_root, os.W_OK):
-        raise BundleError(f"the output folder {out_root} is not writable")
-    return out_root
 
 
 def write_bundle(scan: ScanResult, out_root: Path) -> Path:

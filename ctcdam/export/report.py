@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.cm import ScalarMappable
@@ -42,6 +43,13 @@ def _view_map(nodule: NoduleResult, name: str, view: str) -> np.ndarray | None:
     return None
 
 
+def _heat_rgba(values: np.ndarray, limit: float) -> np.ndarray:
+    """Diverging colours with opacity rising with |value| (as the Slicer table: near zero shows the CT)."""
+    rgba = matplotlib.colormaps[DIVERGING_COLORMAP](Normalize(vmin=-limit, vmax=limit)(values))
+    rgba[..., 3] = np.clip(2.0 * np.abs(values) / limit, 0.0, 0.85)
+    return rgba
+
+
 def _show(axis, image: np.ndarray, view: str, **kwargs) -> None:
     # axial (y, x): anterior up, patient right on the left; coronal/sagittal (z, .): superior up.
     axis.imshow(image, origin="upper" if view == "axial" else "lower", interpolation="nearest", **kwargs)
@@ -65,17 +73,19 @@ def _prediction_table(nodule: NoduleResult) -> str:
 
 def _nodule_rows(figure, grid, row: int, nodule: NoduleResult, shown: Sequence[str]) -> None:
     crop = sitk.GetArrayFromImage(nodule.crop).astype(np.float32)
-    title = f"nodule {nodule.index} ({nodule.nodule_id})" + ("" if nodule.labelled else ", unlabelled")
+    title = f"nodule {nodule.index}: {nodule.nodule_id}" + ("" if nodule.labelled else " (unlabelled)")
     for column, view in enumerate(VIEWS):
         axis = figure.add_subplot(grid[row, column])
         _show(axis, view_slice(crop, view, centre_index(crop.shape, view)), view, cmap="gray",
               vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1])
-        axis.set_title(f"{title}\n{view}" if column == 0 else view, fontsize=8, loc="left" if column == 0 else "center",
-                       color=nodule_color(nodule.index) if column == 0 else "black")
+        axis.set_title(view, fontsize=8)
+        if column == 0:
+            axis.set_ylabel("CT", fontsize=7)
     text_axis = figure.add_subplot(grid[row:row + 1 + len(shown), len(VIEWS)])
     text_axis.axis("off")
+    text_axis.text(0.0, 1.0, title, fontsize=8, va="top", weight="bold", color=nodule_color(nodule.index))
     note = f"\n\n{nodule.note}" if nodule.note else ""
-    text_axis.text(0.0, 1.0, _prediction_table(nodule) + note, family="monospace", fontsize=7, va="top", wrap=True)
+    text_axis.text(0.0, 0.93, _prediction_table(nodule) + note, family="monospace", fontsize=7, va="top", wrap=True)
     for offset, name in enumerate(shown, start=1):
         maps = {view: _view_map(nodule, name, view) for view in VIEWS}
         limit = max((float(np.abs(m).max()) for m in maps.values() if m is not None), default=0.0) or 1e-12
@@ -84,7 +94,7 @@ def _nodule_rows(figure, grid, row: int, nodule: NoduleResult, shown: Sequence[s
             _show(axis, view_slice(crop, view, centre_index(crop.shape, view)), view, cmap="gray",
                   vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1])
             if maps[view] is not None:
-                _show(axis, maps[view], view, cmap=DIVERGING_COLORMAP, alpha=0.6, norm=Normalize(vmin=-limit, vmax=limit))
+                _show(axis, _heat_rgba(maps[view], limit), view)
             if column == 0:
                 axis.set_ylabel(f"CDAM {name}", fontsize=7)
             if column == len(VIEWS) - 1:
@@ -98,7 +108,7 @@ def write_report(scan: ScanResult, path: Path, n_biomarkers: int = 2) -> Path:
         raise ValueError(f"scan {scan.scan_id} has no explained nodules to report")
     shown = [relevant_maps(nodule, n_biomarkers) for nodule in scan.nodules]
     rows = sum(1 + len(s) for s in shown)
-    figure = Figure(figsize=(PANEL_INCHES * (len(VIEWS) + 1.3), PANEL_INCHES * rows + 0.6))
+    figure = Figure(figsize=(PANEL_INCHES * (len(VIEWS) + 1.3), PANEL_INCHES * rows + 0.6), layout="constrained")
     grid = figure.add_gridspec(rows, len(VIEWS) + 1, width_ratios=[1.0] * len(VIEWS) + [1.3])
     row = 0
     for nodule, names in zip(scan.nodules, shown):
@@ -106,5 +116,5 @@ def write_report(scan: ScanResult, path: Path, n_biomarkers: int = 2) -> Path:
         row += 1 + len(names)
     figure.suptitle(f"{scan.scan_id}: CDAM ({scan.method}), red = evidence for, blue = against", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=80, bbox_inches="tight")
     return path

@@ -35,3 +35,13 @@ def symmetric_window(image: sitk.Image) -> float:
     """Half-width of a window centred at zero that shows the whole signed range (max |v|, at least 1e-12)."""
     values = sitk.GetArrayViewFromImage(image)
     return float(max(np.abs(values).max(initial=0.0), 1e-12))
+
+
+def slab_on_grid(values_2d: np.ndarray, grid: sitk.Image, axis_zyx: int, index: int) -> sitk.Image:
+    """A one-slice volume holding a 2D map at slice ``index`` along (z, y, x) axis ``axis_zyx`` of ``grid``,
+    with the geometry of that slice of the grid (so it opens in Slicer exactly where the slice lies)."""
+    size, start = list(grid.GetSize()), [0, 0, 0]
+    itk_axis = 2 - axis_zyx  # SimpleITK indexes (x, y, z)
+    size[itk_axis], start[itk_axis] = 1, int(index)
+    slab = sitk.RegionOfInterest(grid, size, start)
+    return image_on_grid(np.expand_dims(np.asarray(values_2d), axis_zyx), slab)

@@ -56,15 +56,17 @@ class CropSpec:
     size_mm: float = 32.0
     spacing_mm: float = 1.0
 
-    @property
-    def size_voxels(self) -> int:
-        """Voxels along each axis."""
-        n = round(self.size_mm / self.spacing_mm)
+    def __post_init__(self) -> None:
+        n = round(self.size_mm / self.spacing_mm) if self.spacing_mm > 0 else 0
         if n < 1 or abs(n * self.spacing_mm - self.size_mm) > 1e-6 * self.size_mm:
             raise ValueError(
                 f"crop size {self.size_mm} mm is not a whole number of {self.spacing_mm} mm voxels"
             )
-        return n
+
+    @property
+    def size_voxels(self) -> int:
+        """Voxels along each axis."""
+        return round(self.size_mm / self.spacing_mm)
 
 
 def crop_reference(centre: tuple[float, float, float], spec: CropSpec) -> sitk.Image:

@@ -21,7 +21,10 @@ from pydicom.tag import Tag
 from ctcdam.lidc.io import write_text_atomic
 
 #: Bump when SliceHeader changes: older caches are then ignored, never misread.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: Values longer than this are not read by the header pass (pydicom's defer_size): only their offset is kept.
+_DEFER_BYTES = 4096
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 #: The header tags the strict loader needs (name -> DICOM tag, for error messages).
 HEADER_TAGS: dict[str, str] = {
@@ -53,6 +56,13 @@ class SliceHeader:
     columns: int | None
     rescale_intercept: float | None
     rescale_slope: float | None
+    # Where the pixel bytes are, so the loader can read uncompressed slices without parsing the header again.
+    transfer_syntax: str | None = None
+    bits_allocated: int | None = None
+    pixel_representation: int | None = None
+    samples_per_pixel: int | None = None
+    pixel_offset: int | None = None
+    pixel_length: int | None = None
 
     def missing_tags(self) -> list[str]:
         """Names (with tag numbers) of the loader's required tags absent from this file."""
@@ -117,10 +127,10 @@ def _floats(value) -> tuple[float, ...]:
 
 
 def read_slice_header(path: Path, patient_dir: Path) -> SliceHeader:
-    """Read one file's header (pixels skipped); raises pydicom/OS errors for unreadable files."""
-    ds = pydicom.dcmread(
-        path, stop_before_pixels=True, specific_tags=[Tag(keyword) for keyword in HEADER_TAGS]
-    )
+    """Read one file's header (large values such as the pixels are skipped, not read); raises for unreadable files."""
+    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+    pixel_data = ds.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in ds else None
+    pixel_offset = getattr(pixel_data, "value_tell", None) if pixel_data is not None and pixel_data.value is None else None
     return SliceHeader(
         path=path.relative_to(patient_dir).as_posix(),
         study_uid=_optional(ds, "StudyInstanceUID", lambda v: str(v).strip()),
@@ -133,6 +143,12 @@ def read_slice_header(path: Path, patient_dir: Path) -> SliceHeader:
         columns=_optional(ds, "Columns", int),
         rescale_intercept=_optional(ds, "RescaleIntercept", float),
         rescale_slope=_optional(ds, "RescaleSlope", float),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+        bits_allocated=_optional(ds, "BitsAllocated", int),
+        pixel_representation=_optional(ds, "PixelRepresentation", int),
+        samples_per_pixel=_optional(ds, "SamplesPerPixel", int),
+        pixel_offset=pixel_offset,
+        pixel_length=int(pixel_data.length) if pixel_offset is not None else None,
     )
 
 

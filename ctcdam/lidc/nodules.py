@@ -138,7 +138,6 @@ def _cluster_record(annotations: Sequence, slice_zvals: np.ndarray) -> Cluster:
 
 def scan_clusters(scan) -> list[Cluster]:
     """The scan's annotation clusters ordered by position (z, row, column): cluster k is nodule ``n<k+1>``."""
-    pylidc_compat.pylidc()  # the compatibility patches must be in place before any annotation method runs
     slice_zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
     clusters = pylidc_compat.cluster_annotations(scan)
     records = [_cluster_record(annotations, slice_zvals) for annotations in clusters]

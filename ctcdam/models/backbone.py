@@ -30,10 +30,10 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def _how_to_get(name: str) -> str:
-    repo = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.models.get_pretrained_cfg(name) else None
-    repo = repo or f"timm/{name}"
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = (cfg.hf_hub_id if cfg is not None else None) or f"timm/{name}"
     return (
-        f"on a connected machine run `hf download {repo}` (it fills the Hugging Face cache, HF_HUB_CACHE, "
+        f"On a connected machine run `hf download {repo}` (it fills the Hugging Face cache, HF_HUB_CACHE, "
         f"which works offline afterwards), or download its model.safetensors and pass the file path as weights"
     )
 
@@ -81,8 +81,15 @@ def create_backbone(
             f"weights file {str(path)!r} does not exist (weights must be 'hub', 'none' or a path to a timm weight file); "
             f"{_how_to_get(name)}"
         )
-    # pretrained_cfg_overlay(file=...) goes through timm's own loader, which adapts pos-embed and channels
-    return build_vit(name, img_size, model_kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    # pretrained_cfg_overlay(file=...) goes through timm's own loader, which adapts pos-embed and channels;
+    # custom_load (timm's .npz reader for some tags) only applies to .npz files
+    overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+    try:
+        return build_vit(name, img_size, model_kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        raise WeightsUnavailableError(
+            f"weights file {str(path)!r} does not fit timm model {name!r} with {dict(model_kwargs or {})}: {err}"
+        ) from err
 
 
 def set_trainable(model: VisionTransformer, mode: FinetuneMode, last_n: int = 2) -> None:

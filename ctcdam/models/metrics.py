@@ -26,7 +26,7 @@ def _finite(value: float) -> float | None:
 
 
 def _tensor(values: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+    return torch.tensor(np.array(values, dtype=np.float64))
 
 
 def binary_metrics(score: Any, label: Any, threshold: float = 0.5) -> dict[str, Any]:

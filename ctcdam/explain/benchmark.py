@@ -1,0 +1,141 @@
+"""Speed of CDAM, its reference implementation and Captum, as ratios to one plain inference forward.
+
+All figures of one run come from the same process, model and batch, and each ratio is taken against forwards
+timed right before and after it, so load from other processes on a shared machine largely cancels out.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from ctcdam.explain.cdam import explain
+from ctcdam.explain.reference import reference_explain
+from ctcdam.targets import TARGETS
+
+#: Entries that take tens of forwards; they are timed without a warm-up run.
+SLOW_ENTRIES = ("oracle_cdam", "oracle_smooth50", "captum_ig50", "captum_smoothgrad50")
+
+
+@dataclass(frozen=True)
+class CdamBenchmark:
+    """One benchmark run: median time ratios to a plain forward of the same model and batch."""
+
+    model: str
+    img: int
+    batch: int
+    device: str
+    forward_s: float
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        """The result as plain JSON-ready data."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table of the ratios."""
+        lines = [
+            f"{self.model}, {self.img} px, batch {self.batch}, {self.device}: forward {self.forward_s * 1e3:.1f} ms",
+            f"{'entry':<22}{'time / forward':>15}",
+        ]
+        lines += [f"{name:<22}{ratio:>15.3f}" for name, ratio in self.ratios.items()]
+        return "\n".join(lines)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call, with the device synchronised before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _captum_entries(model: nn.Module, images: Tensor) -> dict[str, Callable[[], object]]:
+    """Captum IG (50 steps) and NoiseTunnel SmoothGrad (50 samples) on target 0, if Captum is installed."""
+    try:
+        from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+    except ImportError:
+        return {}
+    batch = images.shape[0]
+    integrated_gradients = IntegratedGradients(model)
+    smoothgrad = NoiseTunnel(Saliency(model))
+    return {
+        # Captum runs the 50 steps in internal batches; one batch of images per pass keeps memory bounded.
+        "captum_ig50": lambda: integrated_gradients.attribute(images, target=0, n_steps=50, internal_batch_size=batch),
+        "captum_smoothgrad50": lambda: smoothgrad.attribute(
+            images, nt_type="smoothgrad", nt_samples=50, nt_samples_batch_size=batch, target=0, stdevs=0.15
+        ),
+    }
+
+
+def benchmark_cdam(
+    model_name: str = "vit_small_patch8_224",
+    img: int = 224,
+    batch: int = 1,
+    repeats: int = 5,
+    slow_repeats: int = 3,
+    device: str | None = None,
+    include_slow: bool = True,
+    seed: int = 0,
+    model_kwargs: dict[str, object] | None = None,
+) -> CdamBenchmark:
+    """Time CDAM variants, the reference and Captum on a random-weight timm ViT with 9 outputs (no download).
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check).
+    """
+    torch.manual_seed(seed)
+    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = {"pretrained": False, "num_classes": len(TARGETS), "img_size": img} | dict(model_kwargs or {})
+    model = timm.create_model(model_name, **options).to(run_device)
+    model.eval()
+    images = torch.randn(batch, 3, img, img, device=run_device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    entries: dict[str, Callable[[], object]] = {
+        "cdam": lambda: explain(model, images, [0], "cdam"),
+        "smooth50": lambda: explain(model, images, [0], "smooth", samples=50),
+        "integrated50": lambda: explain(model, images, [0], "integrated", steps=50),
+        "cdam_9_targets": lambda: explain(model, images, list(range(len(TARGETS))), "cdam"),
+    }
+    if include_slow:
+        entries["oracle_cdam"] = lambda: reference_explain(model, images, [0], "cdam")
+        entries["oracle_smooth50"] = lambda: reference_explain(model, images, [0], "smooth", samples=50)
+        entries.update(_captum_entries(model, images))
+
+    forward()  # warm-up: allocator, kernels, thread pool
+    forward_times: list[float] = []
+    ratios: dict[str, float] = {}
+    for name, fn in entries.items():
+        slow = name in SLOW_ENTRIES
+        if not slow:
+            fn()
+        entry_ratios = []
+        for _ in range(slow_repeats if slow else repeats):
+            before = _timed(forward, run_device)
+            elapsed = _timed(fn, run_device)
+            after = _timed(forward, run_device)
+            forward_times += [before, after]
+            entry_ratios.append(elapsed / (0.5 * (before + after)))
+        ratios[name] = statistics.median(entry_ratios)
+    return CdamBenchmark(
+        model=model_name,
+        img=img,
+        batch=batch,
+        device=str(run_device),
+        forward_s=statistics.median(forward_times),
+        ratios=ratios,
+    )

@@ -1,0 +1,46 @@
+"""Where explain reads and writes: the output folder and the default checkpoint (stdlib only, so the CLI
+rejects a bad path before it pays for importing torch)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where pipelines/train.py puts its runs (relative to the working directory, as train.py writes them).
+TRAIN_OUTPUTS = Path("outputs/train")
+
+
+class BundleError(RuntimeError):
+    """A bundle cannot be written (the output location is unusable)."""
+
+
+def prepare_output_root(out_root: Path) -> Path:
+    """Check (and create) the output folder; BundleError with one sentence when it cannot hold bundles."""
+    out_root = Path(out_root)
+    if out_root.exists() and not out_root.is_dir():
+        raise BundleError(f"--out {out_root} is a file, not a folder; give a folder for the review bundles")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BundleError(f"cannot create the output folder {out_root}: {error.strerror or error}") from None
+    if not os.access(out_root, os.W_OK):
+        raise BundleError(f"the output folder {out_root} is not writable")
+    return out_root
+
+
+def newest_checkpoint(root: Path = TRAIN_OUTPUTS) -> Path:
+    """The most recently written ``*.ckpt`` under ``root``; FileNotFoundError saying how to get one."""
+    root = Path(root)
+    found = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint under {root}: train one with `python pipelines/train.py` or pass --checkpoint PATH"
+        )
+    return found[-1]
+
+
+def existing_checkpoint(path: Path) -> Path:
+    """``path`` if it is a file; FileNotFoundError naming it otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (train one with `python pipelines/train.py`)")
+    return path

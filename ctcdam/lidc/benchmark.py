@@ -1,0 +1,136 @@
+"""Cost of the preprocessing, measured as ratios on the same scans in one run (pipelines/benchmark.py reports it).
+
+(a) crops: our one resample per nodule onto the 32 mm crop grid (HU and mask) vs the reference work's
+    approach, which resamples the whole scan to 1 mm isotropic for every nodule and then cuts the crop
+    (only the HU volume is counted for the baseline, which favours it);
+(b) a whole scan: our full preprocessing (cold header index, strict load, clustering, consensus, crops,
+    atomic writes) vs just reading the series with SimpleITK's ImageSeriesReader (GDCM). A plain pydicom
+    loop (read + pixel_array, no sorting, rescale or geometry) is reported too.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from ctcdam.lidc import pylidc_compat
+from ctcdam.lidc.crops import ConsensusMask, CropSpec, consensus_mask, crop_nodule
+from ctcdam.lidc.dicom_index import index_patient
+from ctcdam.lidc.nodules import scan_clusters, selection_problem
+from ctcdam.lidc.preprocess import PreprocessConfig, process_scan
+from ctcdam.lidc.series import LoadedSeries, load_series
+
+
+def _seconds(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def naive_crop(series: LoadedSeries, centre: Sequence[float], spec: CropSpec) -> np.ndarray:
+    """The baseline: resample the whole scan to isotropic ``spec.spacing_mm``, then slice the cube around centre."""
+    image = series.image
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    size = [int(np.ceil(e / spec.spacing_mm)) for e in extent]
+    iso = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spec.spacing_mm] * 3,
+        image.GetDirection(), -1024.0, sitk.sitkInt16,
+    )
+    centre_index = iso.TransformPhysicalPointToIndex([float(c) for c in centre])[::-1]  # (z, y, x)
+    n, half = spec.size_voxels, spec.size_voxels // 2
+    array = sitk.GetArrayViewFromImage(iso)
+    crop = np.full((n, n, n), -1024, dtype=np.int16)  # the same job as ours: a full cube, padded with air
+    source, target = [], []
+    for axis, c in enumerate(centre_index):
+        low, high = c - half, c - half + n
+        source.append(slice(max(low, 0), min(high, array.shape[axis])))
+        target.append(slice(max(low, 0) - low, min(high, array.shape[axis]) - low))
+    crop[tuple(target)] = array[tuple(source)]
+    return crop
+
+
+def _series_files(index, scan) -> list[str]:
+    return [str(index.patient_dir / h.path) for h in index.files_of(scan.series_instance_uid)]
+
+
+def _read_with_simpleitk(files: Sequence[str], series_uid: str) -> sitk.Image:
+    folder = str(Path(files[0]).parent)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+    return reader.Execute()
+
+
+def _read_with_pydicom(files: Sequence[str]) -> list[np.ndarray]:
+    return [pydicom.dcmread(f).pixel_array for f in files]
+
+
+def benchmark_preprocess(
+    lidc_root: Path, scan_ids: Sequence[str], repeats: int = 3, config: PreprocessConfig | None = None
+) -> dict:
+    """Median timings of our crops vs whole-scan resampling, and of our preprocessing vs reading the series."""
+    config = config or PreprocessConfig()
+    lidc_root = Path(lidc_root)
+    loaded: list[tuple[object, LoadedSeries, list[ConsensusMask], list[str]]] = []
+    for scan_id in scan_ids:
+        scan = pylidc_compat.get_scan(scan_id)
+        index = index_patient(lidc_root, scan.patient_id)
+        series = load_series(scan, index, hu_clip=config.hu_clip)
+        masks = [
+            consensus_mask(cluster.annotations, scan, series.plane, config.consensus_level)
+            for cluster in scan_clusters(scan)
+            if selection_problem(cluster, config.min_annotations) is None
+            and series.zvals[0] <= cluster.z_extent[0] and cluster.z_extent[1] <= series.zvals[-1]
+        ]
+        loaded.append((scan, series, masks, _series_files(index, scan)))
+    n_nodules = sum(len(masks) for _, _, masks, _ in loaded)
+    if n_nodules == 0:
+        raise ValueError(f"no nodule with >= {config.min_annotations} annotations inside the slices of {list(scan_ids)}")
+
+    ours_crop, naive_crop_s, ours_scan, read_sitk, read_pydicom = [], [], [], [], []
+    for _ in range(repeats):
+        ours_crop.append(sum(
+            _seconds(lambda s=series, m=mask: crop_nodule(s, m, config.crop))
+            for _, series, masks, _ in loaded for mask in masks
+        ) / n_nodules)
+        naive_crop_s.append(sum(
+            _seconds(lambda s=series, m=mask: naive_crop(s, m.centroid, config.crop))
+            for _, series, masks, _ in loaded for mask in masks
+        ) / n_nodules)
+        with tempfile.TemporaryDirectory() as out_dir:  # fresh each time: the header index is built cold
+            ours_scan.append(sum(
+                _seconds(lambda s=scan: process_scan(s.patient_id, lidc_root, Path(out_dir), config))
+                for scan, _, _, _ in loaded
+            ))
+        read_sitk.append(sum(
+            _seconds(lambda f=files, s=scan: _read_with_simpleitk(f, s.series_instance_uid))
+            for scan, _, _, files in loaded
+        ))
+        read_pydicom.append(sum(_seconds(lambda f=files: _read_with_pydicom(f)) for _, _, _, files in loaded))
+
+    seconds = {
+        "ours_crop_per_nodule": statistics.median(ours_crop),
+        "naive_crop_per_nodule": statistics.median(naive_crop_s),
+        "ours_preprocess_all_scans": statistics.median(ours_scan),
+        "read_simpleitk_all_scans": statistics.median(read_sitk),
+        "read_pydicom_all_scans": statistics.median(read_pydicom),
+    }
+    return {
+        "ratios": {
+            "naive_vs_ours": seconds["naive_crop_per_nodule"] / seconds["ours_crop_per_nodule"],
+            "ours_vs_read": seconds["ours_preprocess_all_scans"] / seconds["read_simpleitk_all_scans"],
+            "ours_vs_pydicom_read": seconds["ours_preprocess_all_scans"] / seconds["read_pydicom_all_scans"],
+        },
+        "targets": {"naive_vs_ours": ">= 10", "ours_vs_read": "<= 1.5"},
+        "seconds": seconds,
+        "scans": list(scan_ids),
+        "slices": int(sum(series.image.GetSize()[2] for _, series, _, _ in loaded)),
+        "nodules": n_nodules,
+        "repeats": repeats,
+        "read_baseline": "SimpleITK ImageSeriesReader (GDCM) on the series' files",
+    }
