@@ -9,7 +9,6 @@ ctcdam.lidc.benchmark; this file parses and prints.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-slow", action="store_true", help="skip the reference implementation and Captum")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--lidc-root", type=Path, help="--preprocess: LIDC-IDRI root (default: synthetic default)")
-    parser.add_argument("--scans", nargs="+", metavar="ID", help="--preprocess: scan ids (default: 3 synthetic scans)")
+    parser.add_argument("--scans", nargs="+", metavar="ID", help="--preprocess: scan ids (default: 3 synthetic ones)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args(argv)
 
@@ -67,13 +66,15 @@ def _run_preprocess(args: argparse.Namespace) -> dict:
     from ctcdam.lidc.benchmark import benchmark_preprocess
     from ctcdam.synthetic.default import DEFAULT_SCANS, ensure_default_dicom
 
-    lidc_root = args.lidc_root or ensure_default_dicom(progress=not args.json)
-    scan_ids = args.scans or (list(DEFAULT_SCANS[:3]) if args.lidc_root is None else None)
-    result = benchmark_preprocess(lidc_root, scan_ids)
-    data = result if isinstance(result, dict) else dataclasses.asdict(result)
+    if args.lidc_root is not None and not args.scans:
+        raise SystemExit("--preprocess with --lidc-root needs --scans (the scan ids to time)")
+    scan_ids = args.scans or list(DEFAULT_SCANS[:3])
+    lidc_root = args.lidc_root or ensure_default_dicom(progress=not args.json, scan_ids=scan_ids)
+    data = benchmark_preprocess(lidc_root, scan_ids)
     if not args.json:
-        for name, ratio in data.get("ratios", {}).items():
-            print(f"{name:<22}{ratio:>10.2f}")
+        print(f"preprocessing of {', '.join(scan_ids)}")
+        for name, ratio in data["ratios"].items():
+            print(f"{name:<22}{ratio:>10.2f}   target {data.get('targets', {}).get(name, '-')}")
     return data
 
 

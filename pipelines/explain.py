@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-volume", dest="volume", action="store_false",
                    help="skip the 3D map (explain only the centre slice of each view)")
     p.add_argument("--samples", type=int, help="smooth: noise samples (default 50); integrated: path steps (default 50)")
+    p.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p
 
@@ -67,27 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = run_explain(args.scan, args.out, checkpoint=args.checkpoint, lidc_root=args.lidc_root,
                               method=args.method, targets=args.targets, views=args.views, volume=args.volume,
-                              concept=args.concept, method_options=options)
+                              concept=args.concept, method_options=options, device=args.device)
     except (ValueError, FileNotFoundError, BundleError) as error:
         print(f"explain.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {outcome.checkpoint}\ndata: {outcome.lidc_root}")
-    concept = outcome.details.get("concept")
-    if concept:
-        print(f"concept {concept['query']}: mean embedding of {concept['training_examples']} training nodules")
-    if outcome.note:
-        print(outcome.note)
-    timing = {row["nodule_id"]: row for row in outcome.details.get("timing", {}).get("nodules", [])}
-    for nodule in outcome.nodules:
-        values = "  ".join(f"{t}={v:.3g}" + ("" if nodule["radiologists"].get(t) is None else
-                                              f" ({nodule['radiologists'][t]:.3g})")
-                           for t, v in nodule["predictions"].items())
-        cost = timing.get(nodule["nodule_id"], {})
-        print(f"{nodule['nodule_id']}{'' if nodule['labelled'] else ' [unlabelled]'}: {values}"
-              f"  [{cost.get('images', 0)} images in {cost.get('explain_s', 0.0):.2f} s]")
-    print(f"{len(outcome.nodules)} nodule(s) explained (model, readers' value in brackets); review bundle: {outcome.bundle}\n"
-          f"open {outcome.bundle / (outcome.bundle.name + '.mrb')} in 3D Slicer, or run "
-          f"`Slicer --python-script {outcome.bundle / 'review.py'}`")
+    print(outcome.summary())
     return 0
 
 

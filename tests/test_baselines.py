@@ -6,7 +6,7 @@ import torch
 
 from ctcdam.explain import explain, forward_without_tokens
 from ctcdam.explain.baselines import patch_sums
-from tests.test_cdam import images_for, tiny_vit
+from tests.test_cdam import images_for, one_thread, tiny_vit  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _timm_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -63,7 +63,8 @@ def test_forward_without_tokens_matches_cutting_each_sequence() -> None:
     keep[0, [2, 7]] = False
     keep[2, 0] = False
     with torch.no_grad():
-        torch.testing.assert_close(forward_without_tokens(model, images, torch.ones(3, 16, dtype=torch.bool)), model(images))
+        everything = torch.ones(3, 16, dtype=torch.bool)
+        torch.testing.assert_close(forward_without_tokens(model, images, everything), model(images))
         outputs = forward_without_tokens(model, images, keep, batch_size=1)
     for b, drop in enumerate([[2, 7], [], [0]]):
         torch.testing.assert_close(outputs[b], _without(model, images[b : b + 1], drop)[0])

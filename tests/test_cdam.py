@@ -17,7 +17,18 @@ from ctcdam.targets import target_index
 RTOL = 1e-5
 
 
-def tiny_vit(img_size: int | tuple[int, int] = 32, patch_size: int = 8, seed: int = 0, **kwargs: object) -> VisionTransformer:
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread, above all on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(
+    img_size: int | tuple[int, int] = 32, patch_size: int = 8, seed: int = 0, **kwargs: object
+) -> VisionTransformer:
     """A 2-block, width-32 ViT with 3 outputs in float64; every parameter gets noise so biases are non-zero."""
     torch.manual_seed(seed)
     options = dict(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=2, num_heads=2, num_classes=3)
@@ -220,7 +231,7 @@ def test_calls_leave_no_trace_on_the_model() -> None:
     model.blocks[0].eval()  # a mixed state must come back exactly
     flags = [m.training for m in model.modules()]
     images = images_for(model, batch=1).float()  # explain() casts to the model's dtype
-    options = {"smooth": dict(samples=2), "integrated": dict(steps=3), "ig": dict(steps=3), "smoothgrad": dict(samples=2)}
+    options = {"smooth": {"samples": 2}, "integrated": {"steps": 3}, "ig": {"steps": 3}, "smoothgrad": {"samples": 2}}
     for method in list_methods():
         explain(model, images, [0, torch.randn(32, dtype=torch.float64)], method, **options.get(method, {}))
     explain(model, images, [0], "cdam", engine="general")
@@ -264,3 +275,14 @@ def test_bad_input_gives_clear_errors() -> None:
         explain(torch.nn.Linear(3, 3), images, [0], "cdam")
     with pytest.raises(ValueError, match="steps >= 2"):
         explain(model, images, [0], "integrated", steps=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_maps_equal_the_reference_on_cuda() -> None:
+    model = tiny_vit(reg_tokens=1).cuda()
+    images = images_for(model).cuda()
+    targets = [0, torch.randn(32, dtype=torch.float64, device="cuda")]
+    for method, options in METHODS.items():
+        fast = explain(model, images, targets, method, **options)
+        assert fast.maps.device.type == "cuda"
+        assert_close_maps(fast.maps, reference_explain(model, images, targets, method, **options).maps)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -134,3 +136,62 @@ def test_scene_names_only_files_inside_the_bundle(tmp_path):
     assert float(red.get("foregroundOpacity")) == pytest.approx(0.5)
     assert nodes[display.get("colorNodeID")].tag == "ColorTable"
     compile(review_script(spec, (-12.5, 30.25, -200.0)), "review.py", "exec")
+
+
+class _Recorder:
+    """Stands in for Slicer's nodes (Slicer is not installed here): records every call made on it."""
+
+    def __init__(self, log: list, name: str):
+        self._log, self._name = log, name
+
+    def __getattr__(self, attribute):
+        def call(*args, **kwargs):
+            self._log.append((f"{self._name}.{attribute}", args, kwargs))
+            return _Recorder(self._log, f"{self._name}.{attribute}()")
+
+        return call
+
+
+def test_review_script_loads_the_bundle_through_slicer_util(tmp_path, monkeypatch):
+    import types
+
+    spec = SceneSpec(ct_file="ct.nii.gz", color_table_file=naming.COLOR_TABLE_FILE,
+                     maps=(MapVolume("N1 CDAM malignancy", "nodule-1/cdam_malignancy.nii.gz", 0.25),),
+                     foreground_file="nodule-1/cdam_malignancy.nii.gz", segmentation_file=naming.SEGMENTATION_FILE,
+                     markups_file=naming.MARKUPS_FILE)
+    calls: list = []
+    slicer = types.ModuleType("slicer")
+    slicer.util = _Recorder(calls, "util")
+    slicer.modules = types.SimpleNamespace(markups=_Recorder(calls, "markups"))
+    monkeypatch.setitem(sys.modules, "slicer", slicer)
+    monkeypatch.setattr(sys, "argv", ["review.py", str(tmp_path)])
+    exec(compile(review_script(spec, (-12.5, 30.25, -200.0)), "review.py", "exec"), {"__name__": "__main__"})
+    loaded = [(name, args[0]) for name, args, _ in calls if name.startswith("util.load") and "()" not in name]
+    assert loaded == [("util.loadVolume", str(tmp_path / "ct.nii.gz")),
+                      ("util.loadColorTable", str(tmp_path / naming.COLOR_TABLE_FILE)),
+                      ("util.loadVolume", str(tmp_path / "nodule-1/cdam_malignancy.nii.gz")),
+                      ("util.loadSegmentation", str(tmp_path / naming.SEGMENTATION_FILE)),
+                      ("util.loadMarkups", str(tmp_path / naming.MARKUPS_FILE))]
+    windows = [args for name, args, _ in calls if name.endswith("SetWindowLevel")]
+    assert windows == [(1500.0, -600.0), (0.5, 0.0)]
+    layers = next(kwargs for name, _, kwargs in calls if name == "util.setSliceViewerLayers")
+    assert layers["foregroundOpacity"] == 0.5 and layers["fit"] is True
+    jump = next(args for name, args, _ in calls if name.endswith("JumpSlicesToLocation"))
+    assert jump == (12.5, -30.25, -200.0, True)  # LPS -> RAS
+
+
+def test_defaults_newest_checkpoint_and_recorded_data_root(tmp_path):
+    from ctcdam.export.paths import newest_checkpoint
+    from ctcdam.export.run import default_lidc_root
+
+    with pytest.raises(FileNotFoundError, match="train one with"):
+        newest_checkpoint(tmp_path / "train")
+    older, newer = tmp_path / "train" / "a" / "best.ckpt", tmp_path / "train" / "b" / "fold-0" / "best.ckpt"
+    for age, path in ((100, older), (0, newer)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+    assert newest_checkpoint(tmp_path / "train") == newer
+    assert default_lidc_root({"lidc_root": "/data/LIDC-IDRI"}, newer) == Path("/data/LIDC-IDRI")
+    with pytest.raises(ValueError, match="pass --lidc-root"):
+        default_lidc_root({"lidc_root": None, "manifest": str(tmp_path / "m" / "manifest.csv")}, newer)

@@ -23,6 +23,7 @@ from ctcdam.synthetic import (
 )
 from ctcdam.synthetic.phantom import paint_slice
 from ctcdam.synthetic.selection import QUIRKY_SCANS
+from ctcdam.synthetic.writer import covered_slice_indices
 
 NOISE_FREE_SCAN = "LIDC-IDRI-0407"  # 4 clusters, one calcified; 21 slices with a 10 mm margin
 TINY_SCAN = "LIDC-IDRI-0059"  # one nodule; 4 slices with a 2 mm margin
@@ -256,3 +257,20 @@ def test_ensure_default_dicom_generates_missing_scans_only(tmp_path):
     stamp = os.stat(series).st_mtime_ns
     assert ensure_default_dicom(tmp_path, progress=False, scan_ids=(TINY_SCAN,), workers=1) == root
     assert os.stat(series).st_mtime_ns == stamp
+
+
+def top_contour_z(clusters) -> float:
+    """Highest annotated z (mm) of any contour in these clusters."""
+    return max(c.image_z_position for cluster in clusters for a in cluster for c in a.contours)
+
+
+def test_z_range_can_cover_only_the_nodules_with_enough_annotations():
+    scan = get_scan(NOISE_FREE_SCAN)  # its single-annotation cluster reaches 5 mm above the others
+    clusters = scan.cluster_annotations(verbose=False)
+    zvals = np.asarray(scan.slice_zvals, dtype=float)
+    all_clusters = covered_slice_indices(scan, clusters, z_margin_mm=0.0)
+    three_or_more = covered_slice_indices(scan, clusters, z_margin_mm=0.0, min_annotations=3)
+    assert zvals[all_clusters[-1]] == pytest.approx(top_contour_z(clusters), abs=1e-3)
+    assert zvals[three_or_more[-1]] == pytest.approx(top_contour_z([c for c in clusters if len(c) >= 3]), abs=1e-3)
+    assert three_or_more[0] == all_clusters[0] and three_or_more[-1] < all_clusters[-1]
+    assert covered_slice_indices(scan, clusters, z_margin_mm=None) == range(len(zvals))

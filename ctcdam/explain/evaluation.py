@@ -52,6 +52,8 @@ CDAM_METHODS: tuple[str, ...] = ("cdam", "smooth", "integrated")
 CONTROL_METHOD = "random"
 ID_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target")
 METRIC_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *metrics.SCORE_COLUMNS, "seconds")
+CLASS_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target_a", "target_b", "pearson")
+SANITY_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "stage", "spearman")
 #: Whether a larger value of a summary column is better (the summary bolds the best method per column).
 HIGHER_IS_BETTER: dict[str, bool] = {
     "correctness": True, "auc_mif": False, "auc_lif": True, "insertion_auc": True, "near_zero_share": True,
@@ -60,6 +62,10 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 #: Air: the insertion baseline, in HU (the lower end of the lung window).
 AIR_HU = -1000.0
+#: Methods that backpropagate to the input through the whole model, in batches of ``batch_size`` rows.
+GRADIENT_METHODS: tuple[str, ...] = ("ig", "smoothgrad", "inputxgrad")
+#: Token x channel elements per batch of the gradient methods (rows = this / (tokens * width), 16 .. 512).
+GRADIENT_BATCH_ELEMENTS = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,8 @@ class _CurveTotals:
         self.counts[method] = self.counts.get(method, 0) + curves.mif.shape[0] * curves.mif.shape[1]
 
     def frame(self) -> pd.DataFrame:
+        if self.shares is None:
+            return pd.DataFrame(columns=["method", "curve", "share", "mean"])
         rows = [
             {"method": method, "curve": kind, "share": share, "mean": value / self.counts[method]}
             for (method, kind), total in self.sums.items()
@@ -218,67 +226,90 @@ def evaluate(config: EvaluationConfig) -> Path:
     """Run every method on the checkpoint's test fold and write the tables, summary and plots; returns the run folder."""
     loaded = load_for_inference(config.checkpoint, map_location=config.device)
     model, input_config = loaded.model, loaded.input_config
-    grid = vit.grid_size(model, (input_config.img_size, input_config.img_size))
-    rows = test_rows(loaded, config.max_nodules)
+    image_size = (input_config.img_size, input_config.img_size)
     out = Path(config.out_dir) / (config.run or default_run_name(Path(config.checkpoint)))
     out.mkdir(parents=True, exist_ok=True)
-    failures: list[dict[str, str]] = []
+    nodules, failures = load_nodules(test_rows(loaded, config.max_nodules), config, input_config, vit.grid_size(model, image_size))
+    if not nodules:
+        write_csv_atomic(out / "failures.csv", pd.DataFrame(failures))
+        raise RuntimeError(f"no test nodule of {config.checkpoint} could be loaded; see {out / 'failures.csv'}")
+    scale = target_scale(model, nodules, input_config, config)
+    log.info("target scales (std of each output over the evaluated views): %s",
+             ", ".join(f"{t} {s:.4g}" for t, s in zip(config.targets, scale.tolist())))
+    frames, curves, run_failures = run_methods(model, nodules, input_config, scale, config)
+    header = {
+        "checkpoint": str(config.checkpoint), "nodules": len(nodules), "views": ", ".join(config.views),
+        "targets": ", ".join(config.targets), "removal": config.removal, "skipped": len(failures) + len(run_failures),
+        "scale": ", ".join(f"{t} {s:.3g}" for t, s in zip(config.targets, scale.tolist())),
+    }
+    write_outputs(out, frames, curves, failures + run_failures, header)
+    log.info("evaluation written to %s", out)
+    return out
 
-    nodules = []
+
+def load_nodules(rows: pd.DataFrame, config: EvaluationConfig, input_config: InputConfig,
+                 grid: tuple[int, int]) -> tuple[list[NoduleViews], list[dict[str, str]]]:
+    """Every loadable test nodule, and one failure row (logged) for each one that is not."""
+    nodules, failures = [], []
     for row in rows.to_dict("records"):
         try:
             nodules.append(load_nodule(row, config.views, input_config, grid, config.dilation_mm))
         except (OSError, ValueError) as err:
             log.warning("skipping nodule %s: %s", row["nodule_id"], err)
             failures.append({"scan_id": row["scan_id"], "nodule_id": row["nodule_id"], "stage": "load", "reason": str(err)})
-    if not nodules:
-        raise RuntimeError(f"no test nodule of {config.checkpoint} could be loaded; see {out / 'failures.csv'}")
-    baseline = air_image(input_config, nodules[0].slices_hu.shape[1:]).to(config.device)
-    scale = target_scale(model, nodules, input_config, config)
-    log.info("target scales (std of each output over the evaluated views): %s",
-             dict(zip(config.targets, np.round(scale.numpy(), 4))))
+    return nodules, failures
 
-    warm_up(model, nodules[0], input_config, config)
+
+def run_methods(
+    model: torch.nn.Module, nodules: Sequence[NoduleViews], input_config: InputConfig, scale: torch.Tensor,
+    config: EvaluationConfig,
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, list[dict[str, str]]]:
+    """Explain and score every batch of nodules with every method: (tables, mean curves, failure rows)."""
+    image_size = (input_config.img_size, input_config.img_size)
+    grid = vit.grid_size(model, image_size)
+    baseline = air_image(input_config, nodules[0].slices_hu.shape[1:]).to(config.device)
+    options = method_options(model, config, image_size)
+    warm_up(model, nodules[0], input_config, config, options)
     tables: dict[str, list[dict[str, Any]]] = {"metrics": [], "class": [], "sanity": []}
-    curves = _CurveTotals()
-    batches = [nodules[i : i + config.nodules_per_batch] for i in range(0, len(nodules), config.nodules_per_batch)]
-    progress = tqdm(total=len(batches) * len(config.methods), desc="evaluate", unit="method", disable=not config.progress)
-    for first, batch in zip(range(0, len(nodules), config.nodules_per_batch), batches):
+    curves, failures = _CurveTotals(), []
+    starts = range(0, len(nodules), config.nodules_per_batch)
+    progress = tqdm(total=len(starts) * len(config.methods), desc="evaluate", unit="method", disable=not config.progress)
+    for first in starts:
+        batch = nodules[first : first + config.nodules_per_batch]
         images = to_model_input(np.concatenate([n.slices_hu for n in batch]), input_config).to(config.device)
         inside = _stack_inside(batch, grid)
         sanity_rows = max(0, min(len(batch), config.sanity_nodules - first)) * len(config.views)
         for method in config.methods:
             progress.set_postfix_str(method)
             try:
-                _evaluate_method(model, images, inside, batch, method, baseline, scale, sanity_rows, config, tables, curves)
+                _evaluate_method(model, images, inside, batch, method, options.get(method, {}), baseline, scale,
+                                 sanity_rows, config, tables, curves)
             except (RuntimeError, ValueError, TypeError) as err:
                 log.warning("method %s failed on nodules %s: %s", method, [n.nodule_id for n in batch], err)
                 failures += [{"scan_id": n.scan_id, "nodule_id": n.nodule_id, "stage": f"explain:{method}",
                               "reason": str(err)} for n in batch]
             progress.update()
     progress.close()
-
     frames = {
         "metrics": pd.DataFrame(tables["metrics"], columns=list(METRIC_COLUMNS)),
-        "class": pd.DataFrame(tables["class"], columns=["scan_id", "nodule_id", "view", "method", "target_a", "target_b", "pearson"]),
-        "sanity": pd.DataFrame(tables["sanity"], columns=[*ID_COLUMNS, "stage", "spearman"]),
+        "class": pd.DataFrame(tables["class"], columns=list(CLASS_COLUMNS)),
+        "sanity": pd.DataFrame(tables["sanity"], columns=list(SANITY_COLUMNS)),
     }
+    return frames, curves.frame(), failures
+
+
+def write_outputs(out: Path, frames: Mapping[str, pd.DataFrame], curves: pd.DataFrame,
+                  failures: Sequence[Mapping[str, str]], header: Mapping[str, Any]) -> None:
+    """The run's CSV tables, summary.md and plots, each written atomically."""
     write_csv_atomic(out / "metrics.csv", frames["metrics"])
     write_csv_atomic(out / "class_sensitivity.csv", frames["class"])
     write_csv_atomic(out / "sanity.csv", frames["sanity"])
-    write_csv_atomic(out / "curves.csv", curves.frame())
+    write_csv_atomic(out / "curves.csv", curves)
     if failures:
-        write_csv_atomic(out / "failures.csv", pd.DataFrame(failures))
-    header = {
-        "checkpoint": str(config.checkpoint), "nodules": len(nodules), "views": ", ".join(config.views),
-        "targets": ", ".join(config.targets), "removal": config.removal, "skipped": len(failures),
-        "scale": ", ".join(f"{t} {s:.3g}" for t, s in zip(config.targets, scale.tolist())),
-    }
+        write_csv_atomic(out / "failures.csv", pd.DataFrame(list(failures), columns=["scan_id", "nodule_id", "stage", "reason"]))
     _write_text_atomic(out / "summary.md", summary_markdown(frames["metrics"], frames["class"], frames["sanity"], header))
-    plot_curves(curves.frame(), out / "deletion_curves.png")
+    plot_curves(curves, out / "deletion_curves.png")
     plot_metric_bars(method_table(frames["metrics"], frames["class"], frames["sanity"]), out / "metrics.png")
-    log.info("evaluation written to %s", out)
-    return out
 
 
 def target_scale(model: torch.nn.Module, nodules: Sequence[NoduleViews], input_config: InputConfig,
@@ -292,12 +323,13 @@ def target_scale(model: torch.nn.Module, nodules: Sequence[NoduleViews], input_c
     return metrics.output_scale(torch.cat(outputs), config.targets)
 
 
-def warm_up(model: torch.nn.Module, nodule: NoduleViews, input_config: InputConfig, config: EvaluationConfig) -> None:
+def warm_up(model: torch.nn.Module, nodule: NoduleViews, input_config: InputConfig, config: EvaluationConfig,
+            options: Mapping[str, Mapping[str, Any]]) -> None:
     """Run each method once on one slice, untimed, so one-off costs (allocations, lazy set-up) stay out of ``seconds``."""
     image = to_model_input(nodule.slices_hu[:1], input_config).to(config.device)
     for method in config.methods:
         try:
-            explain(model, image, list(config.targets), method=method, **dict(config.method_options.get(method, {})))
+            explain(model, image, list(config.targets), method=method, **dict(options.get(method, {})))
         except (RuntimeError, ValueError, TypeError):
             pass  # the timed run reports the failure with its nodules
 
@@ -310,13 +342,29 @@ def _stack_inside(batch: Sequence[NoduleViews], grid: tuple[int, int]) -> torch.
     return torch.cat([n.inside if n.inside is not None else torch.zeros(views, *grid, dtype=torch.bool) for n in batch])
 
 
+def method_options(model: torch.nn.Module, config: EvaluationConfig, image_size: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """Per-method ``explain`` options: the configured ones over batch sizes fitted to the model's size.
+
+    The gradient methods' own default batch (16 rows) leaves a small model's CPU run dominated by per-batch
+    overhead (10x slower on the demo ViT); rows are sized so a batch holds about GRADIENT_BATCH_ELEMENTS
+    token features, which bounds memory for large models too.
+    """
+    grid = vit.grid_size(model, image_size)
+    per_row = (grid[0] * grid[1] + vit.num_prefix_tokens(model)) * int(model.embed_dim)
+    rows = int(np.clip(GRADIENT_BATCH_ELEMENTS // per_row, 16, 512))
+    options = {method: {"batch_size": rows} for method in GRADIENT_METHODS if method in config.methods}
+    for method, given in config.method_options.items():
+        options[method] = {**options.get(method, {}), **dict(given)}
+    return options
+
+
 def _evaluate_method(
     model: torch.nn.Module, images: torch.Tensor, inside: torch.Tensor | None, batch: Sequence[NoduleViews],
-    method: str, baseline: torch.Tensor, scale: torch.Tensor, sanity_rows: int, config: EvaluationConfig,
+    method: str, options: Mapping[str, Any], baseline: torch.Tensor, scale: torch.Tensor, sanity_rows: int,
+    config: EvaluationConfig,
     tables: dict[str, list[dict[str, Any]]], curves: _CurveTotals,
 ) -> None:
     """Explain one batch with one method and append its metric, class-sensitivity and sanity rows."""
-    options = dict(config.method_options.get(method, {}))
     targets = list(config.targets)
     started = time.perf_counter()
     explanation = explain(model, images, targets, method=method, **options)
@@ -522,6 +570,10 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> Path:
 def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
     """Bars with 95 % confidence intervals per method, one panel per summary column."""
     columns = [c for c in dict.fromkeys(table["column"]) if c != "seconds"]
+    if not columns:
+        figure = Figure(figsize=(4, 2))
+        figure.text(0.5, 0.5, "no results (see failures.csv)", ha="center")
+        return _save_figure(figure, path)
     n_cols = 4
     figure = Figure(figsize=(4 * n_cols, 3.2 * ((len(columns) + n_cols - 1) // n_cols)), layout="constrained")
     axes = figure.subplots((len(columns) + n_cols - 1) // n_cols, n_cols, squeeze=False).ravel()
@@ -552,7 +604,8 @@ def _write_text_atomic(path: Path, text: str) -> Path:
 
 
 __all__: list[str] = [
-    "DEFAULT_METHODS", "EvaluationConfig", "METRIC_COLUMNS", "NoduleViews", "air_image", "confidence_interval",
+    "CLASS_COLUMNS", "DEFAULT_METHODS", "EvaluationConfig", "METRIC_COLUMNS", "NoduleViews", "SANITY_COLUMNS",
+    "air_image", "confidence_interval", "load_nodules", "method_options", "run_methods", "write_outputs",
     "default_run_name", "evaluate", "load_nodule", "mask_tokens", "method_table", "newest_checkpoint",
     "paired_differences", "summary_markdown", "target_scale", "test_rows",
 ]

@@ -20,14 +20,14 @@ import numpy as np
 from ctcdam.export import naming
 from ctcdam.export.colors import nodule_color, write_color_table
 from ctcdam.export.markups import Fiducial, write_fiducials
-from ctcdam.export.paths import BundleError, prepare_output_root
+from ctcdam.export.paths import prepare_output_root
 from ctcdam.export.report import write_report
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.review_script import write_review_script
 from ctcdam.export.scene import MapVolume, SceneSpec, write_scene, write_scene_bundle
 from ctcdam.export.segmentation import Segment, write_segmentation
 from ctcdam.export.volumes import ct_volume, symmetric_window, write_volume
-from ctcdam.targets import MALIGNANCY, TARGETS, VIEWS
+from ctcdam.targets import MALIGNANCY, VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,6 @@ def _remove_stale_temporaries(out_root: Path, scan_id: str) -> None:
 
 def write_bundle(scan: ScanResult, out_root: Path) -> Path:
     """Write the review bundle of ``scan`` to ``out_root/<scan_id>`` (replacing an older one) and return it."""
-    for name in TARGETS:
-        if naming.looks_like_labelmap(f"cdam_{name}"):  # a new target name must never turn a heat map into labels
-            raise BundleError(f"target name {name!r} would make Slicer load its heat map as a label map")
     out_root = prepare_output_root(Path(out_root))
     _remove_stale_temporaries(out_root, scan.scan_id)
     final = out_root / scan.scan_id

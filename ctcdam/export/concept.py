@@ -73,6 +73,9 @@ def parse_query(text: str) -> ConceptQuery:
 
 def training_examples(loaded: LoadedModel, query: ConceptQuery) -> pd.DataFrame:
     """The training nodules of the checkpoint's split (manifest rows) that satisfy the query; ConceptError if none."""
+    if not loaded.data.get("manifest"):
+        raise ConceptError(f"checkpoint {loaded.path} records no training manifest (ctcdam.data.manifest); "
+                           f"concept query {query.text!r} needs its training nodules")
     frame = read_manifest(loaded.data["manifest"])
     if query.column not in frame.columns:
         known = ", ".join(sorted(QUERY_COLUMNS))

@@ -6,19 +6,15 @@ answered in about a second instead of after ~15 s of imports; that is why the he
 """
 from __future__ import annotations
 
-import difflib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctcdam.export.paths import existing_checkpoint, newest_checkpoint, prepare_output_root
+from ctcdam.export.paths import check_output_root, check_scan_present, existing_checkpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
-
-#: Preprocessed synthetic default: <cache>/synthetic-preprocessed/manifest.csv beside <cache>/synthetic-lidc/.
-SYNTHETIC_PREPROCESSED_DIR = "synthetic-preprocessed"
-
 
 @dataclass(frozen=True)
 class RunOutcome:
@@ -30,18 +26,29 @@ class RunOutcome:
     nodules: list[dict[str, Any]]  # nodule_id, labelled, predictions, radiologists
     note: str
     details: dict[str, Any]
+    write_seconds: float
 
-
-def check_scan_present(scan_id: str, lidc_root: Path) -> None:
-    """FileNotFoundError for a missing data folder; ValueError listing the closest ids for a missing scan."""
-    lidc_root = Path(lidc_root)
-    if not lidc_root.is_dir():
-        raise FileNotFoundError(f"LIDC root {lidc_root} is not a folder (pass --lidc-root DIR)")
-    present = sorted(p.name for p in lidc_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if scan_id not in present:
-        close = difflib.get_close_matches(scan_id, present, n=3, cutoff=0.0) or present[:3]
-        raise ValueError(f"scan {scan_id!r} is not under {lidc_root}; closest scan ids there: "
-                         f"{', '.join(close) or 'none (the folder holds no scan)'}")
+    def summary(self) -> str:
+        """What the CLI prints: sources, concept, per nodule predictions (readers' value) and cost, the bundle."""
+        lines = [f"checkpoint: {self.checkpoint}", f"data: {self.lidc_root}"]
+        concept = self.details.get("concept")
+        if concept:
+            lines.append(f"concept {concept['query']}: mean embedding of {concept['training_examples']} training nodules")
+        if self.note:
+            lines.append(self.note)
+        cost = {row["nodule_id"]: row for row in self.details.get("timing", {}).get("nodules", [])}
+        for nodule in self.nodules:
+            readers = nodule["radiologists"]
+            values = "  ".join(f"{t}={v:.3g}" + ("" if readers.get(t) is None else f" ({readers[t]:.3g})")
+                               for t, v in nodule["predictions"].items())
+            row = cost.get(nodule["nodule_id"], {})
+            lines.append(f"{nodule['nodule_id']}{'' if nodule['labelled'] else ' [unlabelled]'}: {values}"
+                         f"  [{row.get('images', 0)} images in {row.get('explain_s', 0.0):.2f} s]")
+        lines.append(f"{len(self.nodules)} nodule(s) explained (model, readers' value in brackets); bundle written "
+                     f"in {self.write_seconds:.1f} s: {self.bundle}")
+        lines.append(f"open {self.bundle / (self.bundle.name + '.mrb')} in 3D Slicer, or run "
+                     f"`Slicer --python-script {self.bundle / 'review.py'}`")
+        return "\n".join(lines)
 
 
 def default_lidc_root(data: dict[str, Any], checkpoint: Path) -> Path:
@@ -49,8 +56,10 @@ def default_lidc_root(data: dict[str, Any], checkpoint: Path) -> Path:
     (generated if missing) when it was trained on the synthetic default."""
     if data.get("lidc_root"):
         return Path(data["lidc_root"])
+    from ctcdam.data.default import PREPROCESSED_DIR
+
     manifest = Path(str(data.get("manifest", "")))
-    if manifest.parent.name == SYNTHETIC_PREPROCESSED_DIR:
+    if manifest.parent.name == PREPROCESSED_DIR:  # <cache>/synthetic-preprocessed/manifest.csv: the synthetic default
         from ctcdam.synthetic.default import ensure_default_dicom
 
         return Path(ensure_default_dicom(manifest.parent.parent, progress=False))
@@ -69,9 +78,10 @@ def run_explain(
     volume: bool = True,
     concept: str | None = None,
     method_options: dict[str, Any] | None = None,
+    device: str = "auto",
 ) -> RunOutcome:
     """Explain one scan with a checkpoint and write its review bundle to ``out_root/<scan_id>``."""
-    out_root = prepare_output_root(Path(out_root))
+    out_root = check_output_root(Path(out_root))
     checkpoint = existing_checkpoint(checkpoint) if checkpoint is not None else newest_checkpoint()
     if lidc_root is not None:
         check_scan_present(scan_id, lidc_root)
@@ -83,12 +93,18 @@ def run_explain(
 
     settings = ExplainSettings(method=method, targets=tuple(targets or TARGETS), views=tuple(views or VIEWS),
                                volume=volume, concept=concept, method_options=dict(method_options or {}))
-    loaded = load_for_inference(checkpoint)
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_for_inference(checkpoint, map_location=device)
     if lidc_root is None:
         lidc_root = default_lidc_root(loaded.data, checkpoint)
         check_scan_present(scan_id, lidc_root)
     result = explain_scan(scan_id, loaded, Path(lidc_root), settings)
+    start = time.perf_counter()
     bundle = write_bundle(result, out_root)
+    write_seconds = time.perf_counter() - start
     return RunOutcome(bundle=bundle, checkpoint=checkpoint, lidc_root=Path(lidc_root), nodules=[{"nodule_id": n.nodule_id, "labelled": n.labelled, "predictions": dict(n.predictions),
                                "radiologists": dict(n.radiologists)} for n in result.nodules],
-                      note=result.note, details=dict(result.details))
+                      note=result.note, details=dict(result.details), write_seconds=write_seconds)

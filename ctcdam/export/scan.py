@@ -7,7 +7,6 @@ geometry; the 3D map is the mean of the three view stacks.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,11 +23,12 @@ from ctcdam.data.transforms import to_model_input
 from ctcdam.data.views import centre_index, place_view_map, view_axis, view_stack
 from ctcdam.explain import Explanation, explain
 from ctcdam.export.concept import Concept, build_concept
+from ctcdam.export.paths import check_scan_present
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.volumes import image_on_grid, slab_on_grid
 from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
-from ctcdam.lidc.dicom_index import index_patient, patient_folders
+from ctcdam.lidc.dicom_index import index_patient
 from ctcdam.lidc.nodules import annotation_features, nodule_id, nodule_labels, scan_clusters, selection_problem
 from ctcdam.lidc.series import Z_TOLERANCE_MM, LoadedSeries, load_series
 from ctcdam.models.checkpoint import LoadedModel
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 #: Training's nodule filter (DESIGN.md §3): at least this many readers' annotations.
 MIN_ANNOTATIONS = 3
 CONSENSUS_LEVEL = 0.5
-
-
-class ScanNotFoundError(ValueError):
-    """The requested scan is not in the data folder (the message lists the closest ids there)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class ExplainSettings:
 
 @dataclass(frozen=True)
 class _Nodule:
-    """A nodule ready to explain: identity, labels and its crop (HU and consensus mask on the crop grid)."""
+    """A nodule ready to explain: identity, labels, its HU crop and its consensus mask (on the scan's voxels)."""
 
     index: int
     nodule_id: str
@@ -80,16 +76,9 @@ class _Nodule:
     consensus_mask: sitk.Image
 
 
-def _closest(scan_id: str, candidates: Sequence[str], n: int = 3) -> list[str]:
-    return difflib.get_close_matches(scan_id, candidates, n=n, cutoff=0.0) or list(candidates[:n])
-
-
 def load_scan_series(scan_id: str, lidc_root: Path) -> tuple[Any, LoadedSeries]:
     """The pylidc record and the strictly loaded series of a scan; ScanNotFoundError lists the closest ids."""
-    present = patient_folders(lidc_root)
-    if scan_id not in present:
-        close = ", ".join(_closest(scan_id, present)) or "none (the folder is empty)"
-        raise ScanNotFoundError(f"scan {scan_id!r} is not under {lidc_root}; closest scan ids there: {close}")
+    check_scan_present(scan_id, lidc_root)
     scan = pylidc_compat.get_scan(scan_id)
     index = index_patient(lidc_root, scan.patient_id)
     return scan, load_series(scan, index)
@@ -124,7 +113,8 @@ def scan_nodules(scan: Any, series: LoadedSeries, spec: CropSpec) -> tuple[list[
         nodules.append(_Nodule(
             index=len(nodules) + 1, nodule_id=nid, centroid_lps=mask.centroid, labelled=problem is None,
             note="; ".join([*(["unlabelled: " + problem] if problem else []), *notes]),
-            radiologists=_radiologists(labels), crop=crop.hu, consensus_mask=crop.mask,
+            # The mask on the scan's own voxels (not the crop's resampled copy): the segmentation lies on the CT.
+            radiologists=_radiologists(labels), crop=crop.hu, consensus_mask=mask.image,
         ))
     return nodules, skipped
 

@@ -5,7 +5,7 @@ nodules with >= 3 annotations they make 2113 of their 6703 DB slices (1.1 GB of 
 and hold 283 painted annotation clusters, of them 193 nodules with >= 3 annotations:
 94 benign (malignancy median < 3), 73 malignant (> 3) and 26 ambiguous (= 3), i.e. 167 labelled.
 Recompute with ``python -m ctcdam.synthetic.selection --scans <DEFAULT_SCANS>``; pre-generate with
-``python -m ctcdam.synthetic.default``.
+``python -m ctcdam.synthetic``.
 """
 from __future__ import annotations
 
@@ -156,7 +156,3 @@ def ensure_default_dicom(
         )
     log.info("generated %d synthetic scans under %s", len(missing), root)
     return root
-
-
-if __name__ == "__main__":  # python -m ctcdam.synthetic.default: pre-generate the default data set
-    print(ensure_default_dicom())
