@@ -18,6 +18,7 @@ examples:
   python pipelines/benchmark.py --cdam                                        # vit_small_patch8_224, 224 px, batch 1
   python pipelines/benchmark.py --cdam --model vit_small_patch16_224 --batch 8 --json
   python pipelines/benchmark.py --cdam --no-slow                              # skip the reference and Captum
+  python pipelines/benchmark.py --cdam --profile smooth50                     # where the time of one entry goes
   python pipelines/benchmark.py --preprocess --json
 """
 
@@ -42,11 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lidc-root", type=Path, help="--preprocess: LIDC-IDRI root (default: synthetic default)")
     parser.add_argument("--scans", nargs="+", metavar="ID", help="--preprocess: scan ids (default: 3 synthetic ones)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--profile", metavar="ENTRY", help="--cdam: print a torch.profiler table of one entry instead")
     return parser.parse_args(argv)
 
 
 def _run_cdam(args: argparse.Namespace) -> dict:
-    from ctcdam.explain.benchmark import benchmark_cdam
+    from ctcdam.explain.benchmark import benchmark_cdam, profile_entry
+
+    if args.profile:
+        print(profile_entry(args.profile, args.model, args.img, args.batch, args.device))
+        return {}
 
     result = benchmark_cdam(
         model_name=args.model,
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmark and print its table or JSON object."""
     args = parse_args(argv)
     data = _run_cdam(args) if args.cdam else _run_preprocess(args)
-    if args.json:
+    if args.json and data:
         print(json.dumps(data))
     return 0
 

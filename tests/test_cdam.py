@@ -105,6 +105,15 @@ def test_general_path_equals_reference(config: dict) -> None:
         assert_close_maps(fast.maps, oracle.maps)
 
 
+def test_dynamic_image_size_with_padding_equals_reference() -> None:
+    """A model built for 32 px explains 36 x 20 px images (grid 5 x 3, last patches padded) like the oracle."""
+    model = tiny_vit(dynamic_img_size=True, dynamic_img_pad=True)
+    images = torch.randn(2, 3, 36, 20, dtype=torch.float64)
+    fast = explain(model, images, [0, 1], "cdam")
+    assert fast.maps.shape == (2, 2, 5, 3) and fast.upsample().shape == (2, 2, 36, 20)
+    assert_close_maps(fast.maps, reference_explain(model, images, [0, 1], "cdam").maps)
+
+
 def test_cls_engine_refuses_average_pooling() -> None:
     model = tiny_vit(global_pool="avg")
     with pytest.raises(ValueError, match="CLS-row engine"):

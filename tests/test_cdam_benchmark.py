@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from ctcdam.explain.benchmark import benchmark_cdam
+from ctcdam.explain.benchmark import benchmark_cdam, profile_entry
 from tests.test_cdam import one_thread  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +48,10 @@ def test_cli_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_needs_a_mode() -> None:
     with pytest.raises(SystemExit):
         _cli().parse_args(["--json"])
+
+
+def test_profile_names_the_operators_of_an_entry() -> None:
+    table = profile_entry("cdam", "vit_tiny_patch16_224", img=32, device="cpu", model_kwargs=TINY)
+    assert "aten::" in table
+    with pytest.raises(ValueError, match="unknown benchmark entry 'fast'"):
+        profile_entry("fast", "vit_tiny_patch16_224", img=32, device="cpu", model_kwargs=TINY)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from ctcdam.explain.cdam import explain
 from ctcdam.explain.reference import reference_explain
@@ -79,26 +80,20 @@ def _captum_entries(model: nn.Module, images: Tensor) -> dict[str, Callable[[], 
     }
 
 
-def benchmark_cdam(
-    model_name: str = "vit_small_patch8_224",
-    img: int = 224,
-    batch: int = 1,
-    repeats: int = 5,
-    slow_repeats: int = 3,
-    device: str | None = None,
-    include_slow: bool = True,
-    seed: int = 0,
-    model_kwargs: dict[str, object] | None = None,
-) -> CdamBenchmark:
-    """Time CDAM variants, the reference and Captum on a random-weight timm ViT with 9 outputs (no download).
-
-    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check).
-    """
+def _setup(
+    model_name: str,
+    img: int,
+    batch: int,
+    device: str | None,
+    include_slow: bool,
+    seed: int,
+    model_kwargs: dict[str, object] | None,
+) -> tuple[torch.device, Callable[[], None], dict[str, Callable[[], object]]]:
+    """The device, a plain forward and the timed entries on a random-weight ViT with 9 outputs."""
     torch.manual_seed(seed)
     run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = {"pretrained": False, "num_classes": len(TARGETS), "img_size": img} | dict(model_kwargs or {})
-    model = timm.create_model(model_name, **options).to(run_device)
-    model.eval()
+    model = timm.create_model(model_name, **options).to(run_device).eval()
     images = torch.randn(batch, 3, img, img, device=run_device)
 
     def forward() -> None:
@@ -115,7 +110,25 @@ def benchmark_cdam(
         entries["oracle_cdam"] = lambda: reference_explain(model, images, [0], "cdam")
         entries["oracle_smooth50"] = lambda: reference_explain(model, images, [0], "smooth", samples=50)
         entries.update(_captum_entries(model, images))
+    return run_device, forward, entries
 
+
+def benchmark_cdam(
+    model_name: str = "vit_small_patch8_224",
+    img: int = 224,
+    batch: int = 1,
+    repeats: int = 5,
+    slow_repeats: int = 3,
+    device: str | None = None,
+    include_slow: bool = True,
+    seed: int = 0,
+    model_kwargs: dict[str, object] | None = None,
+) -> CdamBenchmark:
+    """Time CDAM variants, the reference and Captum on a random-weight timm ViT with 9 outputs (no download).
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check).
+    """
+    run_device, forward, entries = _setup(model_name, img, batch, device, include_slow, seed, model_kwargs)
     forward()  # warm-up: allocator, kernels, thread pool
     forward_times: list[float] = []
     ratios: dict[str, float] = {}
@@ -139,3 +152,25 @@ def benchmark_cdam(
         forward_s=statistics.median(forward_times),
         ratios=ratios,
     )
+
+
+def profile_entry(
+    entry: str,
+    model_name: str = "vit_small_patch8_224",
+    img: int = 224,
+    batch: int = 1,
+    device: str | None = None,
+    rows: int = 25,
+    model_kwargs: dict[str, object] | None = None,
+) -> str:
+    """torch.profiler table (operators by self time) of one benchmark entry, or of "forward", after a warm-up."""
+    run_device, forward, entries = _setup(model_name, img, batch, device, True, 0, model_kwargs)
+    entries["forward"] = forward
+    if entry not in entries:
+        raise ValueError(f"unknown benchmark entry {entry!r}; known: {', '.join(entries)}")
+    entries[entry]()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run_device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        entries[entry]()
+        _synchronize(run_device)
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)

@@ -44,7 +44,7 @@ _log = logging.getLogger(__name__)
 #: A target: an output index, a target name from ``ctcdam.targets.TARGETS``, or a concept vector (1-D, size D).
 Target = int | str | Tensor
 
-#: Rows x tokens x channels processed per pass; bounds memory (~16 MB in float32); measured fastest on CPU between 2 and 8 Mi.
+#: Rows x tokens x channels per pass: bounds memory (16 MB in float32); CPU timings were flat from 2 to 8 Mi.
 DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
 
 
@@ -159,7 +159,15 @@ def get_method(name: str) -> ExplainFn:
 def explain(
     model: nn.Module, images: Tensor, targets: Sequence[Target], method: str = "cdam", **options: object
 ) -> Explanation:
-    """Explain ``targets`` of a timm ViT on ``images`` (B, C, H, W) with ``method``; see ``list_methods()``."""
+    """Explain ``targets`` of a timm ViT on ``images`` (B, C, H, W) with ``method``; see ``list_methods()``.
+
+    ``targets`` lists output indices, target names (``ctcdam.targets.TARGETS``) or concept vectors (D,).
+    Methods and options: ``cdam``; ``smooth`` (samples=50, noise=0.05, seed=0); ``integrated`` (steps=50);
+    the CDAM methods also take engine="auto"|"cls"|"general" and chunk_elements. Baselines: ``attention``,
+    ``rollout``, ``token_ablation`` (batch_size), ``ig`` (steps=50), ``smoothgrad`` (samples=50, noise=0.15,
+    seed), ``inputxgrad``, ``random`` (seed). The model runs in eval mode during the call; its train/eval
+    flags, hooks and parameter gradients are as before afterwards.
+    """
     fn = get_method(method)
     vit.check_vit(model)
     if isinstance(targets, (int, str)) or (isinstance(targets, Tensor) and targets.ndim < 2):

@@ -1,0 +1,3 @@
+import time
+def test_probe(demo_checkpoint):
+    print("CKPT", demo_checkpoint)
