@@ -30,7 +30,8 @@ from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
 from ctcdam.lidc.dicom_index import index_patient
 from ctcdam.lidc.nodules import annotation_features, nodule_id, nodule_labels, scan_clusters, selection_problem
-from ctcdam.lidc.series import Z_TOLERANCE_MM, LoadedSeries, load_series
+from ctcdam.lidc.preprocess import coverage_problem
+from ctcdam.lidc.series import LoadedSeries, load_series
 from ctcdam.models.checkpoint import LoadedModel
 from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
 
@@ -94,13 +95,11 @@ def scan_nodules(scan: Any, series: LoadedSeries, spec: CropSpec) -> tuple[list[
     """Every annotation cluster of the scan as a cropped nodule (unlabelled when training would drop it),
     and the clusters that cannot be cropped (outside a partial series, empty consensus) with the reason."""
     nodules, skipped = [], []
-    present_low, present_high = float(series.zvals[0]), float(series.zvals[-1])
     for index, cluster in enumerate(scan_clusters(scan)):
         nid = nodule_id(scan.patient_id, index)
-        low, high = cluster.z_extent
-        if low < present_low - Z_TOLERANCE_MM or high > present_high + Z_TOLERANCE_MM:
-            skipped.append({"nodule_id": nid, "reason": f"annotated z extent [{low:.2f}, {high:.2f}] mm lies outside "
-                            f"the present slices [{present_low:.2f}, {present_high:.2f}] mm"})
+        problem = coverage_problem(cluster, series)
+        if problem is not None:
+            skipped.append({"nodule_id": nid, "reason": problem})
             continue
         labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
         try:

@@ -136,7 +136,8 @@ def _nodule_row(scan, scan_id: str, index: int, cluster, series: LoadedSeries, o
     return row, notes
 
 
-def _coverage_problem(cluster, series: LoadedSeries) -> str | None:
+def coverage_problem(cluster, series: LoadedSeries) -> str | None:
+    """Why a cluster's annotated z extent is not inside the present slices of a (partial) series, or None."""
     low, high = cluster.z_extent
     present_low, present_high = float(series.zvals[0]), float(series.zvals[-1])
     if low < present_low - Z_TOLERANCE_MM or high > present_high + Z_TOLERANCE_MM:
@@ -160,7 +161,7 @@ def scan_nodules(
         if problem is not None:
             failures.append(_failure(scan_id, "select", problem, nid))
             continue
-        problem = _coverage_problem(cluster, series)
+        problem = coverage_problem(cluster, series)
         if problem is not None:
             failures.append(_failure(scan_id, "coverage", problem, nid))
             continue
