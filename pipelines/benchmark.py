@@ -18,6 +18,7 @@ examples:
   python pipelines/benchmark.py --cdam                                        # vit_small_patch8_224, 224 px, batch 1
   python pipelines/benchmark.py --cdam --model vit_small_patch16_224 --batch 8 --json
   python pipelines/benchmark.py --cdam --no-slow                              # skip the reference and Captum
+  python pipelines/benchmark.py --cdam --threads 1 --clock cpu                # the work itself, on a busy machine
   python pipelines/benchmark.py --cdam --profile smooth50                     # where the time of one entry goes
   python pipelines/benchmark.py --preprocess --json
 """
@@ -40,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-slow", action="store_true", help="skip the reference implementation and Captum")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="wall time, or process CPU time (with --threads 1)"
+    )
     parser.add_argument("--lidc-root", type=Path, help="--preprocess: LIDC-IDRI root (default: synthetic default)")
     parser.add_argument("--scans", nargs="+", metavar="ID", help="--preprocess: scan ids (default: 3 synthetic ones)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -62,6 +67,7 @@ def _run_cdam(args: argparse.Namespace) -> dict:
         slow_repeats=args.slow_repeats,
         device=args.device,
         include_slow=not args.no_slow,
+        clock=args.clock,
     )
     if not args.json:
         print(result.table())
@@ -87,6 +93,10 @@ def _run_preprocess(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmark and print its table or JSON object."""
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = _run_cdam(args) if args.cdam else _run_preprocess(args)
     if args.json and data:
         print(json.dumps(data))

@@ -140,6 +140,15 @@ def test_k_targets_in_one_call_equal_k_calls() -> None:
             assert_close_maps(together.maps[:, t : t + 1], alone.maps, rtol=1e-12)
 
 
+def test_smooth_map_of_an_image_does_not_depend_on_its_batch() -> None:
+    """Each image draws the same seeded noise sequence, so its map is the same alone or in a batch."""
+    model = tiny_vit()
+    images = images_for(model, batch=3)
+    together = explain(model, images, [0], "smooth", samples=4, seed=2).maps
+    alone = explain(model, images[2:], [0], "smooth", samples=4, seed=2).maps
+    assert_close_maps(alone, together[2:], rtol=1e-12)
+
+
 def test_chunking_does_not_change_maps() -> None:
     """Perturbation rows split into many chunks give the same maps (and the same noise draws) as one chunk."""
     model = tiny_vit()

@@ -45,6 +45,14 @@ def test_cli_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(data["ratios"]) == FAST_ENTRIES
 
 
+def test_cpu_clock_is_for_cpu_runs() -> None:
+    result = benchmark_cdam("vit_tiny_patch16_224", img=32, repeats=1, include_slow=False, clock="cpu",
+                            device="cpu", model_kwargs=TINY)
+    assert result.clock == "cpu" and all(ratio > 0 for ratio in result.ratios.values())
+    with pytest.raises(ValueError, match="clock must be one of"):
+        benchmark_cdam("vit_tiny_patch16_224", img=32, clock="gpu", device="cpu", model_kwargs=TINY)
+
+
 def test_cli_needs_a_mode() -> None:
     with pytest.raises(SystemExit):
         _cli().parse_args(["--json"])

@@ -154,6 +154,9 @@ def test_confidence_interval_is_the_student_t_interval() -> None:
     assert n == 4 and mean == pytest.approx(finite.mean())
     assert (low, high) == pytest.approx(expected)
     assert np.isnan(evaluation.confidence_interval([1.0])[1])
+    # a share cannot leave [0, 1]: the interval of a few hits and misses is clipped there
+    _, low, high, _ = evaluation.confidence_interval([1.0, 1.0, 0.0], bounds=(0.0, 1.0))
+    assert (low, high) == (0.0, 1.0)
 
 
 def test_best_method_respects_direction_and_skips_the_control() -> None:
@@ -181,7 +184,3 @@ def test_unknown_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_nodules"):
         evaluation.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", max_nodules=0)
 
-
-@pytest.fixture(scope="module")
-def demo_checkpoint() -> Path:  # DEV-ONLY override, remove
-    return Path("/tmp/f_dev/train/tiny/best.ckpt")

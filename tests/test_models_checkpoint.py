@@ -57,6 +57,8 @@ def test_predict_averages_the_three_central_views_and_destandardises(tiny_checkp
     np.testing.assert_allclose(out["diameter"], expected, rtol=1e-6)
     single = loaded.predict(crops[1])
     np.testing.assert_allclose(single["raw"][0], out["raw"][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"crops of shape \(32, 32, 32\) do not match the training crops \(16, 16, 16\)"):
+        loaded.predict(np.zeros((32, 32, 32)))
 
 
 def test_missing_file_is_named(tmp_path: Path):

@@ -119,3 +119,12 @@ def test_ddp_two_cpu_processes_write_the_same_metrics_format(tiny_run: dict, blo
     predictions = pd.read_csv(tmp_path / "ddp" / "predictions.csv")
     assert predictions["nodule_id"].is_unique
     assert load_for_inference(record["checkpoint"]).data["test_ids"] == load_for_inference(tiny_run["checkpoint"]).data["test_ids"]
+
+
+def test_demo_checkpoint_is_trained_on_the_synthetic_manifest(demo_checkpoint: Path, synthetic_manifest):
+    out_dir, frame = synthetic_manifest
+    loaded = load_for_inference(demo_checkpoint)
+    ids = loaded.data["train_ids"] + loaded.data["val_ids"] + loaded.data["test_ids"]
+    assert sorted(ids) == sorted(frame["nodule_id"].astype(str)) and loaded.data["test_ids"]
+    assert Path(loaded.data["manifest"]) == (Path(out_dir) / "manifest.csv").resolve()
+    assert loaded.config["crop_shape"] == [32, 32, 32]

@@ -31,6 +31,7 @@ class NoduleDataModule(pl.LightningDataModule):
         n_folds: patient-grouped, malignancy-stratified folds.
         val_fraction: share of the training folds' patients held out for checkpoint selection.
         split_seed: seed of the fold assignment (independent of the training seed).
+        group_by: manifest column that keeps rows in one part (patient_id; nodule_id only for toy data).
         input_config: the model's input settings; linked from the model by the CLI.
         embedding_cache: drop the intensity jitter so that identical images can share cached embeddings
             (linked from the model by the CLI: true for head fine-tuning with caching).
@@ -44,6 +45,7 @@ class NoduleDataModule(pl.LightningDataModule):
         n_folds: int = 5,
         val_fraction: float = 0.2,
         split_seed: int = 0,
+        group_by: str = "patient_id",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -62,6 +64,9 @@ class NoduleDataModule(pl.LightningDataModule):
         self.n_folds = n_folds
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.group_by = group_by
+        if group_by != "patient_id":
+            log.warning("folds grouped by %s, not by patient: nodules of one patient may land in train and test", group_by)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -104,7 +109,7 @@ class NoduleDataModule(pl.LightningDataModule):
         if self.input_config is None:
             raise ValueError("NoduleDataModule needs input_config (the model's input settings; the CLI links it)")
         frame = read_manifest(self.manifest_path())
-        split = split_fold(frame, int(self.fold), self.n_folds, self.val_fraction, self.split_seed)
+        split = split_fold(frame, int(self.fold), self.n_folds, self.val_fraction, self.split_seed, self.group_by)
         crops, geometry = load_crops(frame)
         biomarkers = biomarker_matrix(frame)
         scaler = BiomarkerScaler.fit(biomarkers[split.train])
@@ -161,6 +166,7 @@ class NoduleDataModule(pl.LightningDataModule):
             "fold": int(self.fold),
             "n_folds": int(self.n_folds),
             "seed": int(self.split_seed),
+            "group_by": self.group_by,
             "val_fraction": float(self.val_fraction),
             "train_ids": ids[self.split.train].tolist(),
             "val_ids": ids[self.split.val].tolist(),

@@ -5,12 +5,15 @@ training folds (again patient-grouped), so checkpoint selection never sees the t
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+log = logging.getLogger(__name__)
 
 #: Stratum of nodules without a malignancy label (median 3): spread over folds like the two classes.
 UNLABELLED_STRATUM = 2
@@ -35,6 +38,11 @@ def strata(labels: np.ndarray) -> np.ndarray:
 
 
 def _group_kfold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
+    if np.bincount(y).max() < n_splits:
+        # no stratum can be spread over the folds (toy data): keep the grouping, drop the stratification
+        log.warning("every malignancy stratum has fewer than %d rows: folds are grouped but not stratified", n_splits)
+        splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
     with warnings.catch_warnings():
         # small data sets have classes rarer than n_splits; the folds are still patient-grouped, which is what matters
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
@@ -58,15 +66,26 @@ def patient_folds(labels: np.ndarray, patients: np.ndarray, n_folds: int = 5, se
 
 
 def split_fold(
-    frame: pd.DataFrame, fold: int, n_folds: int = 5, val_fraction: float = 0.2, seed: int = 0
+    frame: pd.DataFrame,
+    fold: int,
+    n_folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    group_by: str = "patient_id",
 ) -> FoldSplit:
-    """Train/val/test row indices of `fold`: test = that fold, val = a patient-grouped part of the other folds."""
+    """Train/val/test row indices of `fold`: test = that fold, val = a patient-grouped part of the other folds.
+
+    `group_by` names the manifest column that keeps rows together (patient_id; anything else leaks between
+    nodules of one patient and is only meant for toy data with too few patients).
+    """
     if not 0 <= fold < n_folds:
         raise ValueError(f"fold must be in 0..{n_folds - 1} (or 'all'), got {fold}")
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     labels = frame["label"].to_numpy(dtype=float)
-    patients = frame["patient_id"].astype(str).to_numpy()
+    if group_by not in frame.columns:
+        raise ValueError(f"cannot group folds by {group_by!r}: the manifest has no such column")
+    patients = frame[group_by].astype(str).to_numpy()
     test = np.sort(patient_folds(labels, patients, n_folds, seed)[fold])
     rest = np.setdiff1d(np.arange(len(frame)), test)
     n_inner = max(2, round(1.0 / val_fraction))

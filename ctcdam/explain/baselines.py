@@ -20,7 +20,14 @@ from torch import Tensor
 from timm.models.vision_transformer import VisionTransformer
 
 from ctcdam.explain import vit
-from ctcdam.explain.cdam import Explanation, Target, TargetWeights, normal_rows, register_method, target_weights
+from ctcdam.explain.cdam import (
+    Explanation,
+    NoisePerSample,
+    Target,
+    TargetWeights,
+    register_method,
+    target_weights,
+)
 
 
 def _outputs_and_weights(
@@ -84,12 +91,12 @@ def _mean_input_gradients(
 ) -> Tensor:
     """Mean over samples of d target / d input, (B, n_targets, C, H, W).
 
-    ``make_inputs(image_index, sample_index)`` builds the model inputs of a chunk of (image, sample) rows;
-    each row is repeated once per target so one backward gives all targets.
+    ``make_inputs(image_index, sample_index)`` builds the model inputs of a chunk of (image, sample) rows,
+    ordered sample-major; each row is repeated once per target so one backward gives all targets.
     """
     batch, n_targets = images.shape[0], len(weights)
-    image_index = torch.arange(batch, device=images.device).repeat_interleave(n_samples)
-    sample_index = torch.arange(n_samples, device=images.device).repeat(batch)
+    image_index = torch.arange(batch, device=images.device).repeat(n_samples)
+    sample_index = torch.arange(n_samples, device=images.device).repeat_interleave(batch)
     totals = images.new_zeros((batch, n_targets, *images.shape[1:]))
     rows_per_chunk = max(1, batch_size // n_targets)
     for start in range(0, batch * n_samples, rows_per_chunk):
@@ -183,12 +190,14 @@ def smoothgrad(
 ) -> Explanation:
     """SmoothGrad: mean raw gradient over x + N(0, (noise * (max x - min x))^2) per image; channel mean."""
     outputs, weights = _outputs_and_weights(model, images, targets)
-    generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
-    sigma = noise * (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3)))
+    sigma = (noise * (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3)))).tolist()
+    draws = NoisePerSample(images, seed)
 
     def noisy(image_index: Tensor, sample_index: Tensor) -> Tensor:
-        draws = normal_rows(images, len(image_index), generator)
-        return draws.mul_(sigma[image_index, None, None, None]).add_(images[image_index])
+        rows = images.new_empty((len(image_index), *images.shape[1:]))
+        for row, image, k in zip(rows, image_index.tolist(), sample_index.tolist()):
+            torch.add(images[image], draws(k), alpha=sigma[image], out=row)
+        return rows
 
     grads = _mean_input_gradients(model, images, weights, samples, noisy, batch_size)
     return _pixel_explanation(model, images, grads.mean(2), outputs, "smoothgrad")

@@ -1,7 +1,9 @@
 """Speed of CDAM, its reference implementation and Captum, as ratios to one plain inference forward.
 
 All figures of one run come from the same process, model and batch, and each ratio is taken against forwards
-timed right before and after it, so load from other processes on a shared machine largely cancels out.
+timed right before and after it, so slow drifts in the load of a shared machine cancel out. Under heavy load
+wall time still favours few large operators over many small ones (threads wait for each other at every
+operator); ``clock="cpu"`` with one thread measures the work itself (process CPU time).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class CdamBenchmark:
     device: str
     forward_s: float
     ratios: dict[str, float] = field(default_factory=dict)
+    threads: int = 0  #: torch CPU threads during the run
+    clock: str = "wall"  #: "wall" (perf_counter) or "cpu" (process CPU time)
 
     def as_dict(self) -> dict[str, object]:
         """The result as plain JSON-ready data."""
@@ -41,7 +45,8 @@ class CdamBenchmark:
     def table(self) -> str:
         """A plain-text table of the ratios."""
         lines = [
-            f"{self.model}, {self.img} px, batch {self.batch}, {self.device}: forward {self.forward_s * 1e3:.1f} ms",
+            f"{self.model}, {self.img} px, batch {self.batch}, {self.device} ({self.threads} threads, "
+            f"{self.clock} clock): forward {self.forward_s * 1e3:.1f} ms",
             f"{'entry':<22}{'time / forward':>15}",
         ]
         lines += [f"{name:<22}{ratio:>15.3f}" for name, ratio in self.ratios.items()]
@@ -53,13 +58,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call, with the device synchronised before and after."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
+    """Time of one call on ``clock``, with the device synchronised before and after."""
     _synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _captum_entries(model: nn.Module, images: Tensor) -> dict[str, Callable[[], object]]:
@@ -123,12 +131,19 @@ def benchmark_cdam(
     include_slow: bool = True,
     seed: int = 0,
     model_kwargs: dict[str, object] | None = None,
+    clock: str = "wall",
 ) -> CdamBenchmark:
     """Time CDAM variants, the reference and Captum on a random-weight timm ViT with 9 outputs (no download).
 
-    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check).
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check); ``clock`` is "wall"
+    or "cpu" (process CPU time: use it with one CPU thread).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     run_device, forward, entries = _setup(model_name, img, batch, device, include_slow, seed, model_kwargs)
+    if clock == "cpu" and run_device.type != "cpu":
+        raise ValueError("the cpu clock measures CPU work only; time a GPU with the wall clock")
+    read_clock = CLOCKS[clock]
     forward()  # warm-up: allocator, kernels, thread pool
     forward_times: list[float] = []
     ratios: dict[str, float] = {}
@@ -138,9 +153,9 @@ def benchmark_cdam(
             fn()
         entry_ratios = []
         for _ in range(slow_repeats if slow else repeats):
-            before = _timed(forward, run_device)
-            elapsed = _timed(fn, run_device)
-            after = _timed(forward, run_device)
+            before = _timed(forward, run_device, read_clock)
+            elapsed = _timed(fn, run_device, read_clock)
+            after = _timed(forward, run_device, read_clock)
             forward_times += [before, after]
             entry_ratios.append(elapsed / (0.5 * (before + after)))
         ratios[name] = statistics.median(entry_ratios)
@@ -151,6 +166,8 @@ def benchmark_cdam(
         device=str(run_device),
         forward_s=statistics.median(forward_times),
         ratios=ratios,
+        threads=torch.get_num_threads(),
+        clock=clock,
     )
 
 

@@ -332,8 +332,9 @@ def _cdam_maps(
 ) -> Explanation:
     """Run ``blocks[:-1]`` once, then average the scores of ``n_samples`` perturbed copies of each image's x.
 
-    ``schedule(x)`` gives the function that builds the rows of one chunk (rows ordered image-major, sample-minor);
-    None means the unperturbed x.
+    ``schedule(x)`` gives the function that builds the rows of one chunk; rows are ordered sample-major
+    (sample 0 of every image, then sample 1, ...), so a chunk needs each sample's draw once. None means the
+    unperturbed x.
     """
     if schedule is None and n_samples != 1:
         raise ValueError("unperturbed CDAM has exactly one sample per image")
@@ -356,8 +357,8 @@ def _cdam_maps(
     batch, n_tokens, dim = x.shape
     copies = 1 if use_cls_path else len(weights)  # the general path repeats each row once per target
     chunk_rows = max(1, chunk_elements // (n_tokens * dim * copies))
-    image_index = torch.arange(batch, device=x.device).repeat_interleave(n_samples)
-    sample_index = torch.arange(n_samples, device=x.device).repeat(batch)
+    image_index = torch.arange(batch, device=x.device).repeat(n_samples)
+    sample_index = torch.arange(n_samples, device=x.device).repeat_interleave(batch)
     perturb = schedule(x) if schedule is not None else None
     totals = x.new_zeros((batch, len(weights), n_tokens - vit.num_prefix_tokens(model)))
     for start in range(0, batch * n_samples, chunk_rows):
@@ -378,21 +379,28 @@ def _cdam_maps(
     )
 
 
-def _generator(device: torch.device, seed: int | None) -> torch.Generator | None:
-    """A generator on ``device`` seeded with ``seed`` (None: the global RNG)."""
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+class NoisePerSample:
+    """Standard normal draws of one image's shape, one per sample index, shared by every image of a batch.
 
-
-def normal_rows(like: Tensor, n_rows: int, generator: torch.Generator | None) -> Tensor:
-    """``n_rows`` standard normal draws of the shape of one row of ``like`` (n_rows, *like.shape[1:]), row by row.
-
-    Drawing each row separately makes the draws independent of how rows are chunked, and identical to a loop
-    that draws ``torch.randn(like[:1].shape)`` once per image and sample, as the reference code does.
+    Draw k is the k-th draw of a generator seeded with ``seed`` (None: the global RNG), so an image's noise,
+    and hence its map, does not depend on the other images in the batch or on how rows are chunked; the
+    reference draws the same sequence for each image. Sample indices must be asked for in increasing order.
     """
-    noise = like.new_empty((n_rows, *like.shape[1:]))
-    for row in noise:
-        row.normal_(generator=generator)
-    return noise
+
+    def __init__(self, like: Tensor, seed: int | None) -> None:
+        self._like = like
+        self._generator = None if seed is None else torch.Generator(device=like.device).manual_seed(seed)
+        self._index = -1
+        self._draw: Tensor | None = None
+
+    def __call__(self, index: int) -> Tensor:
+        if index != self._index:
+            if index != self._index + 1:
+                raise RuntimeError(f"noise draw {index} asked for after draw {self._index}; draws go in order")
+            self._draw = self._like.new_empty(self._like.shape[1:]).normal_(generator=self._generator)
+            self._index = index
+        assert self._draw is not None
+        return self._draw
 
 
 @register_method("cdam")
@@ -423,16 +431,16 @@ def smooth_cdam(
     """Smooth CDAM: mean CDAM over x + N(0, sigma^2), sigma = noise * (max x - min x) per image, ``samples`` draws."""
     if samples < 1:
         raise ValueError(f"smooth CDAM needs samples >= 1, got {samples}")
-    generator = _generator(images.device, seed)
 
     def schedule(x: Tensor) -> PerturbFn:
-        sigma = noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))
+        sigma = (noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))).tolist()
+        draws = NoisePerSample(x, seed)
 
         def add_noise(images_of_rows: Tensor, sample_index: Tensor) -> Tensor:
-            # Row by row, in place: no copy of x per row, and each row is still in cache for its two updates.
+            # Row by row into one buffer: no copy of x per row, and each draw is reused by every image.
             rows = x.new_empty((len(images_of_rows), *x.shape[1:]))
-            for row, image in zip(rows, images_of_rows.tolist()):
-                row.normal_(generator=generator).mul_(sigma[image]).add_(x[image])
+            for row, image, k in zip(rows, images_of_rows.tolist(), sample_index.tolist()):
+                torch.add(x[image], draws(k), alpha=sigma[image], out=row)
             return rows
 
         return add_noise

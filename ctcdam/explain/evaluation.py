@@ -60,6 +60,12 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "gini": True, "localisation": True, "pointing_hit": True, "seconds": False,
     "r_malignancy_biomarker": False, "r_biomarker_biomarker": False, "sanity_rho": False,
 }
+#: Range of the bounded summary columns (their confidence intervals are clipped to it).
+COLUMN_BOUNDS: dict[str, tuple[float, float]] = {
+    "near_zero_share": (0.0, 1.0), "gini": (0.0, 1.0), "localisation": (0.0, 1.0), "pointing_hit": (0.0, 1.0),
+    "r_malignancy_biomarker": (0.0, 1.0), "r_biomarker_biomarker": (0.0, 1.0), "sanity_rho": (0.0, 1.0),
+    "spearman": (-1.0, 1.0), "seconds": (0.0, np.inf),
+}
 #: Air: the insertion baseline, in HU (the lower end of the lung window).
 AIR_HU = -1000.0
 #: Methods that backpropagate to the input through the whole model, in batches of ``batch_size`` rows.
@@ -124,7 +130,9 @@ def newest_checkpoint(root: Path = Path("outputs/train")) -> Path:
     """The most recently written ``best.ckpt`` under ``root`` (any ``*.ckpt`` when there is none)."""
     candidates = sorted(root.rglob("best.ckpt")) or sorted(root.rglob("*.ckpt"))
     if not candidates:
-        raise FileNotFoundError(f"no checkpoint under {root}; train one with `python pipelines/train.py` or pass --checkpoint")
+        raise FileNotFoundError(
+            f"no checkpoint under {root}; train one with `python pipelines/train.py` or pass --checkpoint"
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
@@ -134,7 +142,7 @@ def default_run_name(checkpoint: Path) -> str:
     return f"{folder.parent.name}-{folder.name}" if folder.name.startswith("fold-") else folder.name
 
 
-def test_rows(loaded: LoadedModel, max_nodules: int | None = None) -> pd.DataFrame:
+def test_fold_rows(loaded: LoadedModel, max_nodules: int | None = None) -> pd.DataFrame:
     """Manifest rows of the checkpoint's test fold, in the checkpoint's order (at most ``max_nodules``)."""
     manifest = Path(loaded.data["manifest"])
     frame = read_manifest(manifest).set_index("nodule_id", drop=False)
@@ -179,9 +187,12 @@ def load_nodule(row: Mapping[str, Any], views: Sequence[str], input_config: Inpu
     inside = None
     if row["mask_file"] is not None:
         mask, mask_geometry = read_crop(row["mask_file"])
-        if mask.shape != crop.shape:
-            raise ValueError(f"mask {row['mask_file']} has shape {mask.shape}, its crop {crop.shape}")
-        inside = mask_tokens(mask, mask_geometry.spacing_mm, views, input_config, grid, dilation_mm)
+        if mask_geometry.shape != geometry.shape or not np.allclose(mask_geometry.spacing_mm, geometry.spacing_mm):
+            raise ValueError(
+                f"mask {row['mask_file']} ({mask_geometry.shape} at {mask_geometry.spacing_mm} mm) does not match "
+                f"its crop {row['image_file']} ({geometry.shape} at {geometry.spacing_mm} mm)"
+            )
+        inside = mask_tokens(mask, geometry.spacing_mm, views, input_config, grid, dilation_mm)
     slices = np.stack([view_slice(crop, v, centre_index(crop.shape, v)) for v in views]).astype(np.float32)
     return NoduleViews(str(row["scan_id"]), str(row["nodule_id"]), slices, inside)
 
@@ -229,7 +240,8 @@ def evaluate(config: EvaluationConfig) -> Path:
     image_size = (input_config.img_size, input_config.img_size)
     out = Path(config.out_dir) / (config.run or default_run_name(Path(config.checkpoint)))
     out.mkdir(parents=True, exist_ok=True)
-    nodules, failures = load_nodules(test_rows(loaded, config.max_nodules), config, input_config, vit.grid_size(model, image_size))
+    grid = vit.grid_size(model, image_size)
+    nodules, failures = load_nodules(test_fold_rows(loaded, config.max_nodules), config, input_config, grid)
     if not nodules:
         write_csv_atomic(out / "failures.csv", pd.DataFrame(failures))
         raise RuntimeError(f"no test nodule of {config.checkpoint} could be loaded; see {out / 'failures.csv'}")
@@ -306,7 +318,8 @@ def write_outputs(out: Path, frames: Mapping[str, pd.DataFrame], curves: pd.Data
     write_csv_atomic(out / "sanity.csv", frames["sanity"])
     write_csv_atomic(out / "curves.csv", curves)
     if failures:
-        write_csv_atomic(out / "failures.csv", pd.DataFrame(list(failures), columns=["scan_id", "nodule_id", "stage", "reason"]))
+        columns = ["scan_id", "nodule_id", "stage", "reason"]
+        write_csv_atomic(out / "failures.csv", pd.DataFrame(list(failures), columns=columns))
     _write_text_atomic(out / "summary.md", summary_markdown(frames["metrics"], frames["class"], frames["sanity"], header))
     plot_curves(curves, out / "deletion_curves.png")
     plot_metric_bars(method_table(frames["metrics"], frames["class"], frames["sanity"]), out / "metrics.png")
@@ -342,11 +355,13 @@ def _stack_inside(batch: Sequence[NoduleViews], grid: tuple[int, int]) -> torch.
     return torch.cat([n.inside if n.inside is not None else torch.zeros(views, *grid, dtype=torch.bool) for n in batch])
 
 
-def method_options(model: torch.nn.Module, config: EvaluationConfig, image_size: tuple[int, int]) -> dict[str, dict[str, Any]]:
+def method_options(
+    model: torch.nn.Module, config: EvaluationConfig, image_size: tuple[int, int]
+) -> dict[str, dict[str, Any]]:
     """Per-method ``explain`` options: the configured ones over batch sizes fitted to the model's size.
 
     The gradient methods' own default batch (16 rows) leaves a small model's CPU run dominated by per-batch
-    overhead (10x slower on the demo ViT); rows are sized so a batch holds about GRADIENT_BATCH_ELEMENTS
+    overhead (about 10x slower for a tiny ViT); rows are sized so a batch holds about GRADIENT_BATCH_ELEMENTS
     token features, which bounds memory for large models too.
     """
     grid = vit.grid_size(model, image_size)
@@ -361,51 +376,53 @@ def method_options(model: torch.nn.Module, config: EvaluationConfig, image_size:
 def _evaluate_method(
     model: torch.nn.Module, images: torch.Tensor, inside: torch.Tensor | None, batch: Sequence[NoduleViews],
     method: str, options: Mapping[str, Any], baseline: torch.Tensor, scale: torch.Tensor, sanity_rows: int,
-    config: EvaluationConfig,
-    tables: dict[str, list[dict[str, Any]]], curves: _CurveTotals,
+    config: EvaluationConfig, tables: dict[str, list[dict[str, Any]]], curves: _CurveTotals,
 ) -> None:
     """Explain one batch with one method and append its metric, class-sensitivity and sanity rows."""
     targets = list(config.targets)
     started = time.perf_counter()
-    explanation = explain(model, images, targets, method=method, **options)
+    maps = explain(model, images, targets, method=method, **options).maps.detach()
     seconds = (time.perf_counter() - started) / (len(images) * len(targets))
-    maps = explanation.maps.detach()
     scores, method_curves = metrics.map_scores(
         model, images, maps, targets, baseline, inside, scale, step=config.step, removal=config.removal
     )
     curves.add(method, method_curves, scale)
-    keys = [(n.scan_id, n.nodule_id, view) for n in batch for view in config.views]
-    for b, (scan_id, nodule_id, view) in enumerate(keys):
-        for t, target in enumerate(targets):
-            row = {"scan_id": scan_id, "nodule_id": nodule_id, "view": view, "method": method, "target": target}
-            row.update({name: float(values[b, t]) for name, values in scores.items()})
-            row["seconds"] = seconds
-            tables["metrics"].append(row)
+    keys = [
+        {"scan_id": n.scan_id, "nodule_id": n.nodule_id, "view": view, "method": method}
+        for n in batch for view in config.views
+    ]
+    tables["metrics"] += [
+        {**key, "target": target, **{name: float(values[b, t]) for name, values in scores.items()}, "seconds": seconds}
+        for b, key in enumerate(keys) for t, target in enumerate(targets)
+    ]
     correlation = metrics.target_correlation(maps.cpu())
-    for b, (scan_id, nodule_id, view) in enumerate(keys):
-        for a in range(len(targets)):
-            for c in range(a + 1, len(targets)):
-                tables["class"].append({"scan_id": scan_id, "nodule_id": nodule_id, "view": view, "method": method,
-                                        "target_a": targets[a], "target_b": targets[c], "pearson": float(correlation[b, a, c])})
+    tables["class"] += [
+        {**key, "target_a": targets[a], "target_b": targets[c], "pearson": float(correlation[b, a, c])}
+        for b, key in enumerate(keys) for a in range(len(targets)) for c in range(a + 1, len(targets))
+    ]
     if sanity_rows:
         subset = images[:sanity_rows]
         stages = metrics.cascading_randomisation(
             model, maps[:sanity_rows], lambda m: explain(m, subset, targets, method=method, **options).maps,
             n_blocks=min(config.sanity_blocks, len(model.blocks)),
         )
-        for stage, rho in stages:
-            for b, (scan_id, nodule_id, view) in enumerate(keys[:sanity_rows]):
-                for t, target in enumerate(targets):
-                    tables["sanity"].append({"scan_id": scan_id, "nodule_id": nodule_id, "view": view, "method": method,
-                                             "target": target, "stage": stage, "spearman": float(rho[b, t])})
+        tables["sanity"] += [
+            {**key, "target": target, "stage": stage, "spearman": float(rho[b, t])}
+            for stage, rho in stages for b, key in enumerate(keys[:sanity_rows]) for t, target in enumerate(targets)
+        ]
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Summary: per-nodule means, then mean and 95 % CI over nodules
 
 
-def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float, int]:
-    """(mean, low, high, n) of finite values: Student-t interval of the mean (NaN bounds for n < 2)."""
+def confidence_interval(
+    values: Iterable[float], level: float = 0.95, bounds: tuple[float, float] = (-np.inf, np.inf)
+) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of finite values: Student-t interval of the mean, clipped to the metric's ``bounds``.
+
+    The bounds are NaN for n < 2.
+    """
     data = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
     n = len(data)
     if n == 0:
@@ -414,7 +431,7 @@ def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[f
     if n < 2:
         return mean, float("nan"), float("nan"), n
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * data.std(ddof=1) / np.sqrt(n))
-    return mean, mean - half, mean + half, n
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), n
 
 
 def per_nodule(frame: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
@@ -428,9 +445,10 @@ def method_table(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, sanity_
     parts = [per_nodule(metrics_frame, columns)]
     if not class_frame.empty:
         is_malignancy = class_frame["target_a"].eq(MALIGNANCY) | class_frame["target_b"].eq(MALIGNANCY)
+        # |r|: a map that is another's negative points at the same tokens; it is not more target-specific.
+        magnitude = class_frame["pearson"].abs()
         pairs = class_frame.assign(
-            r_malignancy_biomarker=class_frame["pearson"].where(is_malignancy),
-            r_biomarker_biomarker=class_frame["pearson"].where(~is_malignancy),
+            r_malignancy_biomarker=magnitude.where(is_malignancy), r_biomarker_biomarker=magnitude.where(~is_malignancy)
         )
         parts.append(per_nodule(pairs, ["r_malignancy_biomarker", "r_biomarker_biomarker"]))
     if not sanity_frame.empty:
@@ -442,22 +460,28 @@ def method_table(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, sanity_
     records = []
     for method, group in merged.groupby("method", sort=False):
         for column in [c for c in merged.columns if c not in ("method", "nodule_id")]:
-            mean, low, high, n = confidence_interval(group[column])
+            mean, low, high, n = confidence_interval(group[column], bounds=COLUMN_BOUNDS.get(column, (-np.inf, np.inf)))
             records.append({"method": method, "column": column, "mean": mean, "low": low, "high": high, "n": n})
     return pd.DataFrame(records, columns=["method", "column", "mean", "low", "high", "n"])
 
 
-def paired_differences(metrics_frame: pd.DataFrame, columns: Sequence[str] = ("correctness", "insertion_auc", "localisation", "pointing_hit")) -> pd.DataFrame:
+def paired_differences(
+    metrics_frame: pd.DataFrame, columns: Sequence[str] = ("correctness", "insertion_auc", "localisation", "pointing_hit")
+) -> pd.DataFrame:
     """Per-nodule paired difference (CDAM variant - other method) of each column: mean, low, high, n."""
     table = per_nodule(metrics_frame, list(columns))
     methods = list(dict.fromkeys(table["method"]))
     records = []
     for variant in [m for m in CDAM_METHODS if m in methods]:
         for other in [m for m in methods if m != variant]:
-            pair = table[table["method"] == variant].merge(table[table["method"] == other], on="nodule_id", suffixes=("", "_other"))
+            pair = table[table["method"] == variant].merge(
+                table[table["method"] == other], on="nodule_id", suffixes=("", "_other")
+            )
             for column in columns:
                 mean, low, high, n = confidence_interval(pair[column] - pair[f"{column}_other"])
-                records.append({"variant": variant, "other": other, "column": column, "mean": mean, "low": low, "high": high, "n": n})
+                records.append(
+                    {"variant": variant, "other": other, "column": column, "mean": mean, "low": low, "high": high, "n": n}
+                )
     return pd.DataFrame(records, columns=["variant", "other", "column", "mean", "low", "high", "n"])
 
 
@@ -490,7 +514,7 @@ def summary_markdown(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, san
         "",
         "Mean [95 % CI] over nodules (each nodule = mean over its views and targets; Student t). Best method per "
         "column in bold (`random` is the control and never bold). Definitions: docs/evaluation.md. Correctness, "
-        "AUCs and insertion are in units of each target's scale; `r_*` = Pearson r between maps of different "
+        "AUCs and insertion are in units of each target's scale; `r_*` = |Pearson r| between maps of different "
         "targets (lower = more target-specific); `sanity_rho` = |Spearman| between the map and the map after "
         "re-initialising the head and the last blocks (lower = the map depends on the model); `seconds` = cost per map.",
         "",
@@ -511,7 +535,8 @@ def summary_markdown(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, san
     for method in methods:
         cells = [method]
         for target in targets:
-            values = per_nodule(metrics_frame[(metrics_frame["method"] == method) & (metrics_frame["target"] == target)], ["correctness"])
+            rows = metrics_frame[(metrics_frame["method"] == method) & (metrics_frame["target"] == target)]
+            values = per_nodule(rows, ["correctness"])
             cells.append(_cell(*confidence_interval(values["correctness"])[:3]))
         by_target.append(cells)
     lines += _markdown_table(["method", *targets], by_target)
@@ -542,7 +567,8 @@ def summary_markdown(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, san
             cells = [method]
             for stage in stages:
                 part = sanity_frame[(sanity_frame["method"] == method) & (sanity_frame["stage"] == stage)]
-                cells.append(_cell(*confidence_interval(per_nodule(part, ["spearman"])["spearman"])[:3]))
+                rho = per_nodule(part, ["spearman"])["spearman"]
+                cells.append(_cell(*confidence_interval(rho, bounds=COLUMN_BOUNDS["spearman"])[:3]))
             rows.append(cells)
         lines += _markdown_table(["method", *stages], rows)
     return "\n".join(lines) + "\n"
@@ -555,7 +581,9 @@ def summary_markdown(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, san
 def plot_curves(curves: pd.DataFrame, path: Path) -> Path:
     """Mean MIF, LIF and insertion curves per method (one panel each)."""
     figure = Figure(figsize=(13, 4), layout="constrained")
-    titles = {"mif": "deletion, most important first", "lif": "deletion, least important first", "insertion": "insertion into air"}
+    titles = {
+        "mif": "deletion, most important first", "lif": "deletion, least important first", "insertion": "insertion into air"
+    }
     for axis, (kind, title) in zip(figure.subplots(1, 3), titles.items()):
         for method, group in curves[curves["curve"] == kind].groupby("method", sort=False):
             style = "--" if method == CONTROL_METHOD else ("-" if method in CDAM_METHODS else ":")
@@ -580,7 +608,9 @@ def plot_metric_bars(table: pd.DataFrame, path: Path) -> Path:
     for axis, column in zip(axes, columns):
         part = table[table["column"] == column]
         errors = np.stack([part["mean"] - part["low"], part["high"] - part["mean"]]).clip(min=0)
-        colours = ["tab:orange" if m in CDAM_METHODS else "tab:grey" if m == CONTROL_METHOD else "tab:blue" for m in part["method"]]
+        colours = [
+            "tab:orange" if m in CDAM_METHODS else "tab:grey" if m == CONTROL_METHOD else "tab:blue" for m in part["method"]
+        ]
         axis.bar(part["method"], part["mean"], yerr=np.nan_to_num(errors), color=colours, capsize=2)
         axis.set_title(column)
         axis.tick_params(axis="x", rotation=60, labelsize=7)
@@ -607,5 +637,5 @@ __all__: list[str] = [
     "CLASS_COLUMNS", "DEFAULT_METHODS", "EvaluationConfig", "METRIC_COLUMNS", "NoduleViews", "SANITY_COLUMNS",
     "air_image", "confidence_interval", "load_nodules", "method_options", "run_methods", "write_outputs",
     "default_run_name", "evaluate", "load_nodule", "mask_tokens", "method_table", "newest_checkpoint",
-    "paired_differences", "summary_markdown", "target_scale", "test_rows",
+    "paired_differences", "summary_markdown", "target_scale", "test_fold_rows",
 ]

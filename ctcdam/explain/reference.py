@@ -129,8 +129,8 @@ def reference_explain(
 ) -> Explanation:
     """The oracle with ``explain``'s call shape: ``method`` is "cdam", "smooth" or "integrated".
 
-    Smooth draws its noise from a generator seeded with ``seed`` anew for each target, image after image and
-    sample after sample, so every target sees the same draws (as one batched call does).
+    Smooth draws each image's noise, sample after sample, from a generator seeded with ``seed`` anew for each
+    image and target, so every image and target sees the same sequence of draws (as one batched call does).
     """
     vit.check_vit(model)
     if method not in ("cdam", "smooth", "integrated"):
@@ -143,9 +143,9 @@ def reference_explain(
             outputs = model(images)
         maps = images.new_zeros((images.shape[0], len(targets), *grid))
         for t, target in enumerate(targets):
-            generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
             for b in range(images.shape[0]):
                 image = images[b : b + 1]
+                generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
                 if method == "cdam":
                     scores = reference_cdam(model, image, target)
                 elif method == "smooth":

@@ -149,6 +149,13 @@ class LoadedModel:
             crops = crops[None]
         if crops.ndim != 4:
             raise ValueError(f"expected a (z, y, x) crop or an (n, z, y, x) stack, got shape {crops.shape}")
+        expected = self.config.get("crop_shape")
+        if expected is not None and tuple(crops.shape[1:]) != tuple(expected):
+            # another crop size means another physical scale per pixel: the model would be silently wrong
+            raise ValueError(
+                f"crops of shape {tuple(crops.shape[1:])} do not match the training crops {tuple(expected)} "
+                f"({self.config.get('crop_mm')} mm at {self.config.get('spacing_mm')} mm) of checkpoint {self.path}"
+            )
         n_views = len(self.config.get("views", VIEWS))
         device = next(self.model.parameters()).device
         inputs = torch.cat([self.view_inputs(c) for c in crops]).to(device)

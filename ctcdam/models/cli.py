@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from rich.logging import RichHandler
 
 from ctcdam.data.datamodule import NoduleDataModule
 from ctcdam.models.metrics import evaluation_metrics
@@ -43,11 +46,17 @@ class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: <config>-<time>)")
         parser.add_argument("--output_dir", type=str, default="outputs/train", help="parent folder of the runs")
+        parser.add_argument(
+            "--torch_threads", type=int | None, default=None, help="torch intra-op CPU threads (default: torch's choice)"
+        )
         # the model owns its input contract (size, window, normalisation); the data renders slices for it
         parser.link_arguments("model.input_config", "data.input_config", apply_on="instantiate")
         parser.link_arguments("model.uses_embedding_cache", "data.embedding_cache", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        threads = self.config.get("torch_threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.run_dir = self._run_dir()
 
     def _run_dir(self) -> Path:
@@ -78,7 +87,9 @@ class TrainCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         # kwargs replace config values in LightningCLI, so the configured callbacks are kept explicitly
         callbacks = list(trainer_config.get("callbacks") or [])
-        callbacks.append(ModelCheckpoint(dirpath=out, filename=CHECKPOINT_NAME, monitor=MONITOR, mode="min", save_top_k=1))
+        # selection on the validation part (carved from the training folds), never on the test fold
+        self.best_checkpoint = ModelCheckpoint(dirpath=out, filename=CHECKPOINT_NAME, monitor=MONITOR, mode="min", save_top_k=1)
+        callbacks.append(self.best_checkpoint)
         if trainer_config.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
         kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks") or [])
@@ -100,7 +111,7 @@ def _run_one_fold(cli: TrainCLI, fold: int) -> tuple[dict[str, Any], pd.DataFram
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
-    checkpoint = trainer.checkpoint_callback.best_model_path
+    checkpoint = cli.best_checkpoint.best_model_path
     if not checkpoint:
         raise RuntimeError(f"fold {fold}: no checkpoint was written (did validation run? see {out})")
     started = time.perf_counter()
@@ -118,7 +129,7 @@ def _run_one_fold(cli: TrainCLI, fold: int) -> tuple[dict[str, Any], pd.DataFram
             "n_folds": datamodule.n_folds,
             "run_dir": str(out.resolve()),
             "data": {k: v for k, v in datamodule.record().items() if not k.endswith("_ids")},
-            "best_val_loss": float(trainer.checkpoint_callback.best_model_score),
+            "best_val_loss": float(cli.best_checkpoint.best_model_score),
             "epochs": int(trainer.current_epoch),
             "seconds": {"fit": round(fit_seconds, 2), "test": round(test_seconds, 2)},
             "embedding_cache": caches,
@@ -205,12 +216,26 @@ def with_default_config(args: Sequence[str]) -> list[str]:
 def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Entry point of pipelines/train.py; returns the metrics record (None for --print_config / --help)."""
     argv = with_default_config(sys.argv[1:] if args is None else args)
-    cli = TrainCLI(
-        NoduleModule,
-        NoduleDataModule,
-        run=False,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
-    return run(cli)
+    package_log = logging.getLogger("ctcdam")
+    if args is None and not package_log.handlers:
+        # as a script: show ctcdam's progress lines (data generation, preprocessing) beside Lightning's own
+        package_log.addHandler(RichHandler(show_path=False))
+        package_log.setLevel(logging.INFO)
+    threads = torch.get_num_threads()  # --torch_threads applies to this run only (in-process callers keep theirs)
+    with warnings.catch_warnings():
+        # the run folder also holds the logger's files and config.yaml, which Lightning flags for checkpoint folders
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if args is not None:  # called from Python (tests, notebooks): the host's own sys.argv is not ours
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+        try:
+            cli = TrainCLI(
+                NoduleModule,
+                NoduleDataModule,
+                run=False,
+                args=argv,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+            )
+            return run(cli)
+        finally:
+            torch.set_num_threads(threads)
