@@ -95,7 +95,7 @@ def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
         twin = ax.twinx()
         twin.plot(series.index, series.to_numpy(), color="tab:green", marker=".", label="val/auroc")
         twin.set(ylabel="validation AUROC", ylim=(0, 1))
-        twin.legend(loc="center right")
+        twin.legend(loc="lower left")
     ax.legend(loc="upper right")
     ax.set_title("training curves")
     return _save_figure(fig, Path(path))
