@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sanity-nodules", type=int, default=2, help="nodules in the re-initialisation test (default: %(default)s)")
     parser.add_argument("--removal", choices=("drop", "baseline"), default="drop",
                         help="deletion removes tokens from the sequence (drop) or pastes air patches (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser.parse_args(argv)
 

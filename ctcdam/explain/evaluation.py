@@ -15,6 +15,7 @@ baseline, and each target's scale = the standard deviation of its output over al
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ from ctcdam.data.views import centre_index, view_slice
 from ctcdam.explain import metrics, vit
 from ctcdam.explain.cdam import explain, list_methods
 from ctcdam.models.checkpoint import LoadedModel, load_for_inference
+from ctcdam.models.runs import newest_checkpoint, resolve_device
 from ctcdam.models.report import write_csv_atomic
 from ctcdam.targets import MALIGNANCY, TARGETS, VIEWS, target_index
 
@@ -91,7 +93,7 @@ class EvaluationConfig:
     step: float = metrics.DEFAULT_STEP
     removal: str = "drop"
     dilation_mm: float = 1.0
-    device: str = "cpu"
+    device: str = "auto"
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: bool = True
 
@@ -124,16 +126,6 @@ class NoduleViews:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def newest_checkpoint(root: Path = Path("outputs/train")) -> Path:
-    """The most recently written ``best.ckpt`` under ``root`` (any ``*.ckpt`` when there is none)."""
-    candidates = sorted(root.rglob("best.ckpt")) or sorted(root.rglob("*.ckpt"))
-    if not candidates:
-        raise FileNotFoundError(
-            f"no checkpoint under {root}; train one with `python pipelines/train.py` or pass --checkpoint"
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 def default_run_name(checkpoint: Path) -> str:
@@ -235,6 +227,7 @@ class _CurveTotals:
 
 def evaluate(config: EvaluationConfig) -> Path:
     """Run every method on the checkpoint's test fold and write the tables, summary and plots; returns the run folder."""
+    config = dataclasses.replace(config, device=resolve_device(config.device))
     loaded = load_for_inference(config.checkpoint, map_location=config.device)
     model, input_config = loaded.model, loaded.input_config
     image_size = (input_config.img_size, input_config.img_size)

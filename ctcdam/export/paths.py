@@ -6,8 +6,7 @@ import difflib
 import os
 from pathlib import Path
 
-#: Where pipelines/train.py puts its runs (relative to the working directory, as train.py writes them).
-TRAIN_OUTPUTS = Path("outputs/train")
+from ctcdam.models.runs import TRAIN_OUTPUTS, newest_checkpoint  # noqa: F401  (re-exported for the CLI)
 
 
 class BundleError(RuntimeError):
@@ -48,17 +47,6 @@ def prepare_output_root(out_root: Path) -> Path:
     if not os.access(out_root, os.W_OK):
         raise BundleError(f"the output folder {out_root} is not writable")
     return out_root
-
-
-def newest_checkpoint(root: Path = TRAIN_OUTPUTS) -> Path:
-    """The most recently written ``*.ckpt`` under ``root``; FileNotFoundError saying how to get one."""
-    root = Path(root)
-    found = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not found:
-        raise FileNotFoundError(
-            f"no checkpoint under {root}: train one with `python pipelines/train.py` or pass --checkpoint PATH"
-        )
-    return found[-1]
 
 
 def existing_checkpoint(path: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ctcdam.export.paths import check_output_root, check_scan_present, existing_checkpoint, newest_checkpoint
+from ctcdam.models.runs import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,7 @@ def run_explain(
 
     settings = ExplainSettings(method=method, targets=tuple(targets or TARGETS), views=tuple(views or VIEWS),
                                volume=volume, concept=concept, method_options=dict(method_options or {}))
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     loaded = load_for_inference(checkpoint, map_location=device)
     if lidc_root is None:
         lidc_root = default_lidc_root(loaded.data, checkpoint)
