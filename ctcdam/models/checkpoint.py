@@ -13,7 +13,6 @@ A training checkpoint is a Lightning checkpoint whose ``state_dict`` holds the V
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from ctcdam.data.views import centre_index, view_slice
 from ctcdam.models.backbone import build_vit
 from ctcdam.targets import BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ctcdam.nodule-vit.v1"
 #: Keys every checkpoint's ctcdam entry must hold, per section.

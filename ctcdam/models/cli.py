@@ -30,7 +30,6 @@ from ctcdam.models.metrics import evaluation_metrics
 from ctcdam.models.module import NoduleModule
 from ctcdam.models.report import plot_roc, plot_training_curves, write_csv_atomic, write_json_atomic
 
-log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -225,8 +224,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
     with warnings.catch_warnings():
         # the run folder also holds the logger's files and config.yaml, which Lightning flags for checkpoint folders
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        if args is not None:  # called from Python (tests, notebooks): the host's own sys.argv is not ours
-            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+        # argv is sys.argv (with the default config prepended) or the caller's own list, never both
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
         try:
             cli = TrainCLI(
                 NoduleModule,

@@ -1,7 +1,6 @@
 """The LightningModule: a timm ViT with 9 outputs (malignancy logit + 8 standardised biomarkers), its losses and metrics."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,8 +19,6 @@ from ctcdam.models.feature_cache import EmbeddingCache
 from ctcdam.models.losses import multitask_loss
 from ctcdam.models.metrics import evaluation_metrics, predictions_table
 from ctcdam.targets import TARGETS
-
-log = logging.getLogger(__name__)
 
 
 class NoduleModule(pl.LightningModule):
