@@ -2,7 +2,7 @@
 
 Example:
   python pipelines/demo.py                      # everything, on the embedded synthetic default
-  python pipelines/demo.py --eval-nodules 4     # a smaller evaluation subset
+  python pipelines/demo.py --eval-nodules 8     # a larger evaluation subset
 
 Each step runs the same pipeline a user would run (train.py generates and preprocesses the synthetic
 default on first use), so the demo shows the real commands. It ends by printing where the Slicer bundle,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo and print where its outputs are."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="demo", help="training run folder under outputs/train (default: %(default)s)")
-    parser.add_argument("--eval-nodules", type=int, default=8, help="test nodules in the evaluation subset (default: %(default)s)")
+    parser.add_argument("--eval-nodules", type=int, default=4, help="test nodules in the evaluation subset (default: %(default)s)")
     args = parser.parse_args(argv)
 
     run_dir = REPO / "outputs" / "train" / args.run_name

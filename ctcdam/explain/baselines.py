@@ -196,7 +196,7 @@ def smoothgrad(
     def noisy(image_index: Tensor, sample_index: Tensor) -> Tensor:
         rows = images.new_empty((len(image_index), *images.shape[1:]))
         for row, image, k in zip(rows, image_index.tolist(), sample_index.tolist()):
-            torch.add(images[image], draws(k), alpha=sigma[image], out=row)
+            torch.add(images[image], draws(range(k, k + 1))[0], alpha=sigma[image], out=row)
         return rows
 
     grads = _mean_input_gradients(model, images, weights, samples, noisy, batch_size)

@@ -44,8 +44,9 @@ _log = logging.getLogger(__name__)
 #: A target: an output index, a target name from ``ctcdam.targets.TARGETS``, or a concept vector (1-D, size D).
 Target = int | str | Tensor
 
-#: Rows x tokens x channels per pass: bounds memory (16 MB in float32); CPU timings were flat from 2 to 8 Mi.
-DEFAULT_CHUNK_ELEMENTS = 4 * 2**20
+#: Rows x tokens x channels per pass (24 MB in float32): few, large operators, yet below glibc's 32 MB mmap
+#: threshold, so blocks reuse heap memory instead of page-faulting fresh mappings every time.
+DEFAULT_CHUNK_ELEMENTS = 6 * 2**20
 
 
 @dataclass(frozen=True)
@@ -314,8 +315,9 @@ def _general_scores(model: VisionTransformer, x: Tensor, weights: TargetWeights)
 # CDAM family: one driver, three perturbation schedules of the last block's input
 
 
-#: Given the rows' image and sample indices, the perturbed last-block inputs of those rows.
-PerturbFn = Callable[[Tensor, Tensor], Tensor]
+#: Perturbed last-block inputs of a block of samples x images: (samples, images) -> (samples * images, n, D),
+#: sample-major (every image of the first sample, then the next sample).
+PerturbFn = Callable[[range, slice], Tensor]
 #: Builds the PerturbFn of a batch from its unperturbed last-block input x (B, prefix + N, D).
 Schedule = Callable[[Tensor], PerturbFn]
 
@@ -332,9 +334,9 @@ def _cdam_maps(
 ) -> Explanation:
     """Run ``blocks[:-1]`` once, then average the scores of ``n_samples`` perturbed copies of each image's x.
 
-    ``schedule(x)`` gives the function that builds the rows of one chunk; rows are ordered sample-major
-    (sample 0 of every image, then sample 1, ...), so a chunk needs each sample's draw once. None means the
-    unperturbed x.
+    Perturbed rows are built and scored in blocks of whole samples x all images (or, for a batch larger than a
+    chunk, one sample x a slice of images): few large operators, each sample's noise drawn once for all images.
+    ``schedule(x)`` gives the function that builds a block; None means the unperturbed x (one sample).
     """
     if schedule is None and n_samples != 1:
         raise ValueError("unperturbed CDAM has exactly one sample per image")
@@ -357,18 +359,18 @@ def _cdam_maps(
     batch, n_tokens, dim = x.shape
     copies = 1 if use_cls_path else len(weights)  # the general path repeats each row once per target
     chunk_rows = max(1, chunk_elements // (n_tokens * dim * copies))
-    image_index = torch.arange(batch, device=x.device).repeat(n_samples)
-    sample_index = torch.arange(n_samples, device=x.device).repeat_interleave(batch)
+    images_per_block = min(batch, chunk_rows)
+    samples_per_block = max(1, chunk_rows // batch)
     perturb = schedule(x) if schedule is not None else None
     totals = x.new_zeros((batch, len(weights), n_tokens - vit.num_prefix_tokens(model)))
-    for start in range(0, batch * n_samples, chunk_rows):
-        images_of_rows = image_index[start : start + chunk_rows]
-        with torch.no_grad():
-            if perturb is None:  # one unperturbed row per image: a view, no copy
-                rows = x[start : start + chunk_rows]
-            else:
-                rows = perturb(images_of_rows, sample_index[start : start + chunk_rows])
-        totals.index_add_(0, images_of_rows, score_fn(model, rows, weights))
+    for first_sample in range(0, n_samples, samples_per_block):
+        samples = range(first_sample, min(first_sample + samples_per_block, n_samples))
+        for first_image in range(0, batch, images_per_block):
+            block = slice(first_image, min(first_image + images_per_block, batch))
+            with torch.no_grad():
+                rows = x[block] if perturb is None else perturb(samples, block)
+            scores = score_fn(model, rows, weights)
+            totals[block] += scores.view(len(samples), -1, *scores.shape[1:]).sum(0)
     grid = vit.grid_size(model, tuple(images.shape[-2:]))
     return Explanation(
         maps=(totals / n_samples).view(batch, len(weights), *grid),
@@ -384,23 +386,27 @@ class NoisePerSample:
 
     Draw k is the k-th draw of a generator seeded with ``seed`` (None: the global RNG), so an image's noise,
     and hence its map, does not depend on the other images in the batch or on how rows are chunked; the
-    reference draws the same sequence for each image. Sample indices must be asked for in increasing order.
+    reference draws the same sequence for each image. Samples must be asked for in order (the last block of
+    draws may be asked for again).
     """
 
     def __init__(self, like: Tensor, seed: int | None) -> None:
         self._like = like
         self._generator = None if seed is None else torch.Generator(device=like.device).manual_seed(seed)
-        self._index = -1
-        self._draw: Tensor | None = None
+        self._last: tuple[range, Tensor] | None = None
 
-    def __call__(self, index: int) -> Tensor:
-        if index != self._index:
-            if index != self._index + 1:
-                raise RuntimeError(f"noise draw {index} asked for after draw {self._index}; draws go in order")
-            self._draw = self._like.new_empty(self._like.shape[1:]).normal_(generator=self._generator)
-            self._index = index
-        assert self._draw is not None
-        return self._draw
+    def __call__(self, samples: range) -> Tensor:
+        """The draws of ``samples`` (consecutive indices), (len(samples), *like.shape[1:])."""
+        if self._last is not None and self._last[0] == samples:
+            return self._last[1]
+        expected = self._last[0].stop if self._last is not None else 0
+        if samples.start != expected or samples.step != 1:
+            raise RuntimeError(f"noise draws {samples} asked for, but the next draw is {expected}; draws go in order")
+        draws = self._like.new_empty((len(samples), *self._like.shape[1:]))
+        for draw in draws:  # one generator call per draw, as the reference draws them
+            draw.normal_(generator=self._generator)
+        self._last = (samples, draws)
+        return draws
 
 
 @register_method("cdam")
@@ -433,15 +439,13 @@ def smooth_cdam(
         raise ValueError(f"smooth CDAM needs samples >= 1, got {samples}")
 
     def schedule(x: Tensor) -> PerturbFn:
-        sigma = (noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))).tolist()
+        sigma = noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))
         draws = NoisePerSample(x, seed)
 
-        def add_noise(images_of_rows: Tensor, sample_index: Tensor) -> Tensor:
-            # Row by row into one buffer: no copy of x per row, and each draw is reused by every image.
-            rows = x.new_empty((len(images_of_rows), *x.shape[1:]))
-            for row, image, k in zip(rows, images_of_rows.tolist(), sample_index.tolist()):
-                torch.add(x[image], draws(k), alpha=sigma[image], out=row)
-            return rows
+        def add_noise(samples: range, block: slice) -> Tensor:
+            # x + sigma * draw for every (sample, image) pair of the block, in one fused operator.
+            noisy = torch.addcmul(x[block], sigma[block, None, None], draws(samples)[:, None])
+            return noisy.flatten(0, 1)
 
         return add_noise
 
@@ -463,11 +467,9 @@ def integrated_cdam(
         raise ValueError(f"integrated CDAM needs steps >= 2 (it averages k = 1..steps-1), got {steps}")
 
     def schedule(x: Tensor) -> PerturbFn:
-        def scale(images_of_rows: Tensor, sample_index: Tensor) -> Tensor:
-            rows = x.new_empty((len(images_of_rows), *x.shape[1:]))
-            for row, image, k in zip(rows, images_of_rows.tolist(), sample_index.tolist()):
-                torch.mul(x[image], (k + 1) / steps, out=row)
-            return rows
+        def scale(samples: range, block: slice) -> Tensor:
+            alphas = torch.arange(samples.start + 1, samples.stop + 1, device=x.device, dtype=x.dtype) / steps
+            return (alphas[:, None, None, None] * x[block]).flatten(0, 1)
 
         return scale
 
