@@ -76,14 +76,18 @@ def _captum_entries(model: nn.Module, images: Tensor) -> dict[str, Callable[[], 
         from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
     except ImportError:
         return {}
-    batch = images.shape[0]
+    # Captum runs its 50 steps / samples in internal batches: at least 16 model inputs per pass (batching pays
+    # on CPU too), at most one image batch's worth beyond that, so memory stays bounded for ViT-S/8.
+    per_pass = max(16, images.shape[0])
     integrated_gradients = IntegratedGradients(model)
     smoothgrad = NoiseTunnel(Saliency(model))
     return {
-        # Captum runs the 50 steps in internal batches; one batch of images per pass keeps memory bounded.
-        "captum_ig50": lambda: integrated_gradients.attribute(images, target=0, n_steps=50, internal_batch_size=batch),
+        "captum_ig50": lambda: integrated_gradients.attribute(
+            images, target=0, n_steps=50, internal_batch_size=per_pass
+        ),
         "captum_smoothgrad50": lambda: smoothgrad.attribute(
-            images, nt_type="smoothgrad", nt_samples=50, nt_samples_batch_size=batch, target=0, stdevs=0.15
+            images, nt_type="smoothgrad", nt_samples=50, nt_samples_batch_size=max(1, per_pass // images.shape[0]),
+            target=0, stdevs=0.15,
         ),
     }
 
