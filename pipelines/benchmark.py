@@ -76,12 +76,19 @@ def _run_cdam(args: argparse.Namespace) -> dict:
 
 def _run_preprocess(args: argparse.Namespace) -> dict:
     from ctcdam.lidc.benchmark import benchmark_preprocess
-    from ctcdam.synthetic.default import DEFAULT_SCANS, ensure_default_dicom
+    from ctcdam.synthetic import write_synthetic_series
+    from ctcdam.synthetic.default import DEFAULT_SCANS, default_cache_dir
 
     if args.lidc_root is not None and not args.scans:
         raise SystemExit("--preprocess with --lidc-root needs --scans (the scan ids to time)")
     scan_ids = args.scans or list(DEFAULT_SCANS[:3])
-    lidc_root = args.lidc_root or ensure_default_dicom(progress=not args.json, scan_ids=scan_ids)
+    lidc_root = args.lidc_root
+    if lidc_root is None:
+        # Full-length series, as real LIDC downloads are: the default set's partial series (~33 slices) would time
+        # the per-scan annotation work against an unrepresentatively short read.
+        lidc_root = default_cache_dir() / "synthetic-lidc-full"
+        for scan_id in scan_ids:
+            write_synthetic_series(scan_id, lidc_root)
     data = benchmark_preprocess(lidc_root, scan_ids)
     if not args.json:
         print(f"preprocessing of {', '.join(scan_ids)}")
