@@ -14,21 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctcdam.lidc import pylidc_compat
+from ctcdam.targets import BIOMARKERS
 
 logger = logging.getLogger(__name__)
 
 #: pylidc splits clusters until no group has more than 4 annotations (4 readers); larger ones are failures.
 MAX_READERS = 4
 #: Annotators' means that become regression targets (diameter handled separately, in mm).
-MEAN_FEATURES: tuple[str, ...] = (
-    "subtlety",
-    "calcification",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-    "sphericity",
-)
+MEAN_FEATURES: tuple[str, ...] = tuple(name for name in BIOMARKERS if name != "diameter")
 INTERNAL_STRUCTURE_CODES = {1: "soft tissue", 2: "fluid", 3: "fat", 4: "air"}
 CALCIFICATION_CODES = {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent"}
 CALCIFICATION_ABSENT = 6
