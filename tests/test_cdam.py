@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from ctcdam.explain import concept_vector, explain, list_methods
@@ -103,6 +104,24 @@ def test_general_path_equals_reference(config: dict) -> None:
         fast = explain(model, images, [1, 2], method, engine="general" if forced else "auto", **options)
         oracle = reference_explain(model, images, [1, 2], method, **options)
         assert_close_maps(fast.maps, oracle.maps)
+
+
+def test_scale_norm_and_output_gate_on_the_cls_row_equal_reference() -> None:
+    """timm's optional attention-output norm and sigmoid gate act on the CLS row only; the fast path keeps them."""
+    model = tiny_vit()
+    try:
+        attention = Attention(32, 2, qkv_bias=True, scale_norm=True, norm_layer=torch.nn.LayerNorm, gated=True)
+    except TypeError:
+        pytest.skip("this timm's Attention has no output gate")
+    model.blocks[-1].attn = attention.double()
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    assert cls_path_unsupported(model) is None
+    images = images_for(model)
+    for method, options in METHODS.items():
+        fast = explain(model, images, [0, 2], method, **options)
+        assert_close_maps(fast.maps, reference_explain(model, images, [0, 2], method, **options).maps)
 
 
 def test_dynamic_image_size_with_padding_equals_reference() -> None:
