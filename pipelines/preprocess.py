@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ctcdam.io import OutputError
 from ctcdam.lidc.crops import CropSpec
 from ctcdam.lidc.preprocess import PreprocessConfig, RunSummary, run_preprocess
 
@@ -98,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 root, args.out, scans, config,
                 workers=args.workers, shard=_shard(args.shard), resume=args.resume, progress=progress,
             )
+    except OutputError as error:
+        console.print(f"[red]error:[/red] {error}; nothing of the interrupted scan was kept, rerun with --resume "
+                      "once the output folder is writable", highlight=False, soft_wrap=True)
+        return 2
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return 2
     console.print(_summary_table(summary))
     return 0

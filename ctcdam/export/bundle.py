@@ -1,22 +1,19 @@
 """The review bundle ``OUT/<scan_id>/`` of an explained scan (DESIGN.md §7).
 
-Everything is written into ``OUT/.<scan_id>.tmp-<pid>/`` and renamed to ``OUT/<scan_id>`` at the end, so an
-interrupted run never leaves a half-written bundle under the final name (a previous bundle stays intact
-until the new one is complete). Temporary folders of runs that died are removed by the next run.
+Everything is written into a staging folder beside ``OUT/<scan_id>`` and renamed to it at the end
+(``ctcdam.io.atomic_dir``), so an interrupted run never leaves a half-written bundle under the final name (a
+previous bundle stays intact until the new one is complete). Staging folders of runs that died are removed
+by the next run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
+from ctcdam import io
 from ctcdam.export import naming
 from ctcdam.export.colors import nodule_color, write_color_table
 from ctcdam.export.markups import Fiducial, write_fiducials
@@ -30,19 +27,6 @@ from ctcdam.export.volumes import ct_volume, symmetric_window, write_volume
 from ctcdam.targets import MALIGNANCY, VIEWS
 
 log = logging.getLogger(__name__)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: non-finite floats become null, numpy scalars plain numbers."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _value_text(value: float | None) -> str:
@@ -77,7 +61,7 @@ def predictions_document(scan: ScanResult) -> dict[str, Any]:
         })
     document = {"scan_id": scan.scan_id, "checkpoint": scan.checkpoint, "method": scan.method,
                 "note": scan.note, **dict(scan.details), "nodules": nodules}
-    return _finite(document)
+    return io.json_safe(document)
 
 
 def _segments(scan: ScanResult) -> list[Segment]:
@@ -138,7 +122,7 @@ def _write_contents(scan: ScanResult, folder: Path) -> None:
         write_segmentation(_segments(scan), scan.ct, folder / segmentation_file)
         write_fiducials([_fiducial(n) for n in scan.nodules], folder / markups_file)
         write_report(scan, folder / naming.REPORT_FILE)
-    (folder / naming.PREDICTIONS_FILE).write_text(json.dumps(predictions_document(scan), indent=2) + "\n")
+    io.write_json(folder / naming.PREDICTIONS_FILE, predictions_document(scan))
     maps, foreground = _scene_maps(scan)
     spec = SceneSpec(ct_file=naming.CT_FILE, color_table_file=naming.COLOR_TABLE_FILE, maps=tuple(maps),
                      foreground_file=foreground, segmentation_file=segmentation_file, markups_file=markups_file)
@@ -148,42 +132,12 @@ def _write_contents(scan: ScanResult, folder: Path) -> None:
     write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out_root: Path, scan_id: str) -> None:
-    for stale in [*out_root.glob(f".{scan_id}.tmp-*"), *out_root.glob(f".{scan_id}.old-*")]:
-        pid_text = stale.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
-            log.info("removing %s left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def write_bundle(scan: ScanResult, out_root: Path) -> Path:
     """Write the review bundle of ``scan`` to ``out_root/<scan_id>`` (replacing an older one) and return it."""
     out_root = prepare_output_root(Path(out_root))
-    _remove_stale_temporaries(out_root, scan.scan_id)
+    for stale in io.remove_stale_temporaries(out_root):
+        log.info("removed %s left by an interrupted run", stale)
     final = out_root / scan.scan_id
-    temporary = out_root / f".{scan.scan_id}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        temporary.mkdir()
-        _write_contents(scan, temporary)
-        if final.exists():
-            previous = out_root / f".{scan.scan_id}.old-{os.getpid()}"
-            os.replace(final, previous)
-            os.replace(temporary, final)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with io.atomic_dir(final) as staging:
+        _write_contents(scan, staging)
     return final

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
-from ctcdam.lidc.io import write_text_atomic
+from ctcdam import io
 
 #: Bump when SliceHeader changes: older caches are then ignored, never misread.
 CACHE_VERSION = 2
@@ -197,7 +197,7 @@ def index_patient(root: Path, patient_id: str, cache_dir: Path | None = None) ->
     if cache_file is not None and changed:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": CACHE_VERSION, "patient_dir": str(patient_dir), "files": entries}
-        write_text_atomic(cache_file, json.dumps(payload))
+        io.write_text(cache_file, json.dumps(payload))
     series: dict[str, list[SliceHeader]] = {}
     unreadable: list[UnreadableFile] = []
     for rel, entry in entries.items():

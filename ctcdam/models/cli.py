@@ -25,11 +25,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from rich.logging import RichHandler
 
+from ctcdam import io
 from ctcdam.data.datamodule import NoduleDataModule
 from ctcdam.models.metrics import evaluation_metrics
 from ctcdam.models.module import NoduleModule
-from ctcdam.models.report import plot_roc, plot_training_curves, write_csv_atomic, write_json_atomic
-
+from ctcdam.models.report import plot_roc, plot_training_curves
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -135,8 +135,8 @@ def _run_one_fold(cli: TrainCLI, fold: int) -> tuple[dict[str, Any], pd.DataFram
         },
     )
     predictions = model.test_predictions.assign(fold=fold)
-    write_json_atomic(out / "metrics.json", record)
-    write_csv_atomic(out / "predictions.csv", predictions)
+    io.write_json(out / "metrics.json", record)
+    io.write_csv(out / "predictions.csv", predictions)
     plot_roc(predictions, out / "roc.png", title=f"fold {fold}")
     if (out / "metrics.csv").is_file():
         plot_training_curves(out / "metrics.csv", out / "training_curves.png")
@@ -196,8 +196,8 @@ def run(cli: TrainCLI) -> dict[str, Any]:
         "auroc_mean": float(np.mean(aurocs)) if aurocs else None,
         "auroc_sd": float(np.std(aurocs, ddof=1)) if len(aurocs) > 1 else None,
     }
-    write_json_atomic(cli.run_dir / "metrics.json", summary)
-    write_csv_atomic(cli.run_dir / "predictions.csv", pooled)
+    io.write_json(cli.run_dir / "metrics.json", summary)
+    io.write_csv(cli.run_dir / "predictions.csv", pooled)
     plot_roc(pooled, cli.run_dir / "roc.png", title="pooled over folds")
     print(f"pooled over {len(folds)} folds:", flush=True)
     _print_summary({**summary, "fold": "all", "checkpoint": str(cli.run_dir)})

@@ -8,10 +8,7 @@ half series, and a finished series is never rewritten.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +16,15 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from pydicom.valuerep import DSfloat
 
+from ctcdam import io
 from ctcdam.lidc.pylidc_compat import get_scan
 from ctcdam.synthetic.phantom import chest_phantom_slice, paint_slice, painted_nodules
 
@@ -140,25 +143,6 @@ def _stored_values(hu: np.ndarray) -> bytes:
     return (np.clip(hu, HU_MIN, HU_MAX) - RESCALE_INTERCEPT).astype("<i2").tobytes()
 
 
-def _remove_stale_partials(target: Path) -> None:
-    for partial in target.parent.glob(f".{target.name}.partial-*"):
-        pid = partial.name.rsplit("-", 2)[-2]  # .<name>.partial-<pid>-<random>
-        if pid.isdigit() and _process_alive(int(pid)):
-            continue
-        log.info("removing the half-written series %s left by an interrupted run", partial)
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def _check_finished(target: Path, comment: str) -> None:
     first = next((p for p in sorted(target.iterdir()) if p.suffix.lower() == ".dcm"), None)
     if first is None:
@@ -196,10 +180,8 @@ def write_synthetic_series(
     base = chest_phantom_slice()
     ds = _base_dataset(scan, comment)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    try:
+    io.remove_stale_temporaries(target.parent)
+    with io.atomic_dir(target) as partial:
         for position, k in enumerate(indices, start=1):
             hu = _noisy(paint_slice(base, k, nodules), seed, int(scan.id), k, noise_sd)
             instance_number = n_slices - k  # LIDC numbers instances from the top (highest z) down
@@ -211,15 +193,5 @@ def write_synthetic_series(
             ds.SliceLocation = _ds(zvals[k])
             ds.PixelData = _stored_values(hu)
             ds.save_as(partial / _file_name(layout, instance_number, position), enforce_file_format=True)
-        os.chmod(partial, 0o755)  # mkdtemp creates 0o700
-        try:
-            partial.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(partial)  # another process finished the same series first
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     log.info("wrote %d slices of %s to %s", len(indices), scan_id, target)
     return target
