@@ -21,7 +21,7 @@ from pydicom.tag import Tag
 from ctcdam import io
 
 #: Bump when SliceHeader changes: older caches are then ignored, never misread.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: Values longer than this are not read by the header pass (pydicom's defer_size): only their offset is kept.
 _DEFER_BYTES = 4096
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
@@ -46,6 +46,7 @@ class SliceHeader:
     """What the loader needs from one DICOM file; a tag absent from the file is None."""
 
     path: str  # relative to the patient folder
+    sop_uid: str | None
     study_uid: str | None
     series_uid: str | None
     instance_number: int | None
@@ -133,6 +134,7 @@ def read_slice_header(path: Path, patient_dir: Path) -> SliceHeader:
     pixel_offset = getattr(pixel_data, "value_tell", None) if pixel_data is not None and pixel_data.value is None else None
     return SliceHeader(
         path=path.relative_to(patient_dir).as_posix(),
+        sop_uid=_optional(ds, "SOPInstanceUID", lambda v: str(v).strip()),
         study_uid=_optional(ds, "StudyInstanceUID", lambda v: str(v).strip()),
         series_uid=_optional(ds, "SeriesInstanceUID", lambda v: str(v).strip()),
         instance_number=_optional(ds, "InstanceNumber", int),

