@@ -102,3 +102,29 @@ def test_a_foreign_file_is_a_clear_error(tmp_path: Path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_for_inference(path)
+
+
+class _CreatesAFileWhenUnpickled:
+    """A pickle payload that runs code on load: unpickling calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(tiny_checkpoint: Path, tmp_path: Path):
+    evidence = tmp_path / "created-by-the-pickle.txt"
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["ctcdam"]["payload"] = _CreatesAFileWhenUnpickled(evidence)
+    malicious = tmp_path / "malicious.ckpt"
+    torch.save(checkpoint, malicious)
+    assert not evidence.exists()
+    with pytest.raises(CheckpointError, match=r"malicious\.ckpt was refused: its pickle would run code") as error:
+        load_for_inference(malicious)
+    assert "it asks for io.open" in str(error.value) and "\n" not in str(error.value)
+    assert not evidence.exists()  # the payload never ran
+    # The same payload does run under a plain pickle load: the test file really is hostile.
+    torch.load(malicious, weights_only=False)
+    assert evidence.exists()

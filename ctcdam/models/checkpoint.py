@@ -13,6 +13,8 @@ A training checkpoint is a Lightning checkpoint whose ``state_dict`` holds the V
 from __future__ import annotations
 
 import importlib.metadata
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,6 @@ from ctcdam.data.transforms import InputConfig, to_model_input
 from ctcdam.data.views import centre_index, view_slice
 from ctcdam.models.backbone import build_vit
 from ctcdam.targets import BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
-
 
 CHECKPOINT_FORMAT = "ctcdam.nodule-vit.v1"
 #: Keys every checkpoint's ctcdam entry must hold, per section.
@@ -175,8 +176,21 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} does not exist (train one with `python pipelines/train.py`)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError/EOFError for foreign or broken files
-        raise CheckpointError(f"checkpoint {path} cannot be read as a weights-only torch checkpoint: {err}") from err
+    except pickle.UnpicklingError as err:
+        # weights_only refuses every global outside tensors and plain data before calling it, so nothing ran.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise CheckpointError(f"checkpoint {path} cannot be read as a torch checkpoint: {err}") from None
+        what = f" (it asks for {found.group(1)})"
+        raise CheckpointError(
+            f"checkpoint {path} was refused: its pickle would run code or build objects other than tensors and "
+            f"plain data{what}, and ctcdam only loads weights-only checkpoints"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError/EOFError for foreign or broken files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a weights-only torch checkpoint: {first_line}"
+        ) from None
 
 
 def load_for_inference(
