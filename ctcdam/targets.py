@@ -18,9 +18,6 @@ TARGETS: tuple[str, ...] = (MALIGNANCY, *BIOMARKERS)
 #: Manifest column of each biomarker target (annotators' mean; diameter in mm).
 BIOMARKER_COLUMNS: dict[str, str] = {name: name for name in BIOMARKERS} | {"diameter": "diameter_mm"}
 
-#: The three orthogonal views of a crop, in the order used everywhere.
-VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
-
 
 def target_index(name: str) -> int:
     """Output index of a target name (raises ValueError listing the valid names)."""

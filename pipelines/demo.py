@@ -1,9 +1,5 @@
 """The end-to-end demo behind `make demo`: synthetic default -> preprocess -> train -> evaluate -> explain.
 
-Example:
-  python pipelines/demo.py                      # everything, on the embedded synthetic default
-  python pipelines/demo.py --eval-nodules 8     # a larger evaluation subset
-
 Each step runs the same pipeline a user would run (train.py generates and preprocesses the synthetic
 default on first use), so the demo shows the real commands. It ends by printing where the Slicer bundle,
 the .mrb, report.png and the metrics are.
@@ -18,8 +14,30 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ctcdam.cli.common import (
+    EXIT_FAILURE, ArgumentParser, add_device, add_out, add_run, add_threads, add_verbosity, positive_int,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
+PROG = "demo.py"
+EXAMPLES = """\
+  python pipelines/demo.py                      # everything, on the embedded synthetic default, into outputs/
+  python pipelines/demo.py --eval-nodules 8     # a larger evaluation subset
+  python pipelines/demo.py --out /tmp/demo --run try1 --device cpu --threads 2 -q
+"""
+
+
+class DemoStopped(Exception):
+    """A step of the demo failed (its own output says why)."""
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the checkout when it lies inside it (shorter to read and to paste)."""
+    try:
+        return path.resolve().relative_to(REPO)
+    except ValueError:
+        return path
 
 
 def run_step(title: str, args: list[str]) -> float:
@@ -30,14 +48,14 @@ def run_step(title: str, args: list[str]) -> float:
     result = subprocess.run(command, cwd=REPO)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"demo stopped: step '{title}' exited with status {result.returncode}")
+        raise DemoStopped(f"step '{title}' exited with status {result.returncode}")
     print(f"=== {title}: {seconds:.0f} s", flush=True)
     return seconds
 
 
 def busiest_test_scan(checkpoint: Path) -> str:
     """The scan of the checkpoint's test fold with the most nodules (the one the demo explains)."""
-    from ctcdam.lidc.manifest import read_manifest
+    from ctcdam.manifest.schema import read_manifest
     from ctcdam.models.checkpoint import load_for_inference
 
     data = load_for_inference(checkpoint).data
@@ -45,40 +63,68 @@ def busiest_test_scan(checkpoint: Path) -> str:
     test = manifest[manifest["nodule_id"].isin(set(data["test_ids"]))]
     counts = Counter(test["scan_id"])
     if not counts:
-        sys.exit(f"demo stopped: the test fold of {checkpoint} has no nodules")
+        raise DemoStopped(f"the test fold of {checkpoint} has no nodules")
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo and print where its outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-name", default="demo", help="training run folder under outputs/train (default: %(default)s)")
-    parser.add_argument("--eval-nodules", type=int, default=4, help="test nodules in the evaluation subset (default: %(default)s)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = ArgumentParser(PROG, __doc__, EXAMPLES)
+    add_out(parser, REPO / "outputs", "root of the train/, evaluate/ and explain/ outputs")
+    add_run(parser, "name of the training and evaluation runs (default: demo)")
+    parser.add_argument("--eval-nodules", type=positive_int, default=4,
+                        help="test nodules in the evaluation subset (default: %(default)s)")
+    add_device(parser)
+    add_threads(parser)
+    add_verbosity(parser)
     args = parser.parse_args(argv)
+    args.run = args.run or "demo"
+    args.out = args.out.resolve()  # the steps run from the checkout
+    return args
 
-    run_dir = REPO / "outputs" / "train" / args.run_name
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    """The flags every step takes in the same vocabulary (--device, --threads, -v/-q)."""
+    flags = ["--device", args.device] if args.device != "auto" else []  # auto: each step's own default
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    return flags + (["--quiet"] if args.quiet else ["--verbose"] if args.verbose else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo and print where its outputs are; 1 when a step fails (its output says why)."""
+    args = parse_args(argv)
+    try:
+        return _demo(args)
+    except DemoStopped as stopped:
+        print(f"{PROG}: demo stopped: {stopped}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _demo(args: argparse.Namespace) -> int:
+    shared = _shared_flags(args)
+    run_dir = args.out / "train" / args.run
     if run_dir.exists():
         # a rerun trains afresh; the old run would otherwise shadow the new one's outputs
         import shutil
 
         shutil.rmtree(run_dir)
     timings = {"train": run_step("train (generates and preprocesses the synthetic default on first use)",
-                                 ["train.py", "--run_name", args.run_name])}
+                                 ["train.py", "--out", str(args.out / "train"), "--run", args.run, *shared])}
     checkpoint = run_dir / "best.ckpt"
-    evaluate_dir = REPO / "outputs" / "evaluate"
+    evaluate_dir = args.out / "evaluate"
     timings["evaluate"] = run_step("evaluate (CDAM vs baselines on a test subset)",
                                    ["evaluate.py", "--checkpoint", str(checkpoint), "--max-nodules", str(args.eval_nodules),
-                                    "--out", str(evaluate_dir), "--run", args.run_name])
+                                    "--out", str(evaluate_dir), "--run", args.run, *shared])
     scan = busiest_test_scan(checkpoint)
-    explain_dir = REPO / "outputs" / "explain"
+    explain_dir = args.out / "explain"
     timings["explain"] = run_step(f"explain {scan}", ["explain.py", "--scan", scan, "--checkpoint", str(checkpoint),
-                                                      "--out", str(explain_dir)])
+                                                      "--out", str(explain_dir), *shared])
 
     bundle = explain_dir / scan
     outputs = {
         "training metrics": run_dir / "metrics.json",
         "checkpoint": checkpoint,
-        "evaluation summary": evaluate_dir / args.run_name / "summary.md",
+        "evaluation summary": evaluate_dir / args.run / "summary.md",
         "Slicer bundle": bundle,
         "Slicer scene (.mrb)": bundle / f"{scan}.mrb",
         "review script": bundle / "review.py",
@@ -88,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDemo finished in " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".")
     missing = [str(p) for p in outputs.values() if not p.exists()]
     for name, path in outputs.items():
-        print(f"  {name:<20} {path.relative_to(REPO)}")
-    print(f"Open {outputs['Slicer scene (.mrb)'].relative_to(REPO)} in 3D Slicer (File > Add Data), "
-          f"or run: Slicer --python-script {outputs['review script'].relative_to(REPO)}")
+        print(f"  {name:<20} {_shown(path)}")
+    print(f"Open {_shown(outputs['Slicer scene (.mrb)'])} in 3D Slicer (File > Add Data), "
+          f"or run: Slicer --python-script {_shown(outputs['review script'])}")
     if missing:
         print("missing outputs: " + ", ".join(missing), file=sys.stderr)
         return 1

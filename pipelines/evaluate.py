@@ -3,7 +3,7 @@ localisation and sanity, per nodule x view x method x target.
 
 Writes outputs/evaluate/<run>/: metrics.csv, class_sensitivity.csv, sanity.csv, curves.csv, summary.md,
 deletion_curves.png, metrics.png (and failures.csv when something was skipped). Metric definitions:
-ctcdam/explain/metrics.py and docs/evaluation.md. The work lives in ctcdam.explain.evaluation.
+ctcdam/explain/metrics.py and docs/evaluation.md. The work lives in ctcdam.evaluate; this file parses arguments.
 """
 from __future__ import annotations
 
@@ -15,38 +15,45 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ctcdam.explain.evaluation import DEFAULT_METHODS, EvaluationConfig, evaluate, newest_checkpoint
+from ctcdam.cli.common import (
+    ArgumentParser, add_device, add_out, add_run, add_threads, add_verbosity, name_list, positive_int,
+    report_error, setup_logging, torch_threads,
+)
+from ctcdam.data.views import VIEWS
+from ctcdam.evaluate import DEFAULT_METHODS, EvaluationConfig, evaluate
 from ctcdam.models.checkpoint import CheckpointError
-from ctcdam.targets import TARGETS, VIEWS
+from ctcdam.models.runs import newest_checkpoint
+from ctcdam.targets import TARGETS
 
+PROG = "evaluate.py"
 EXAMPLES = """\
-examples:
   python pipelines/evaluate.py                                   # newest outputs/train/*/best.ckpt, every method
   python pipelines/evaluate.py --max-nodules 10 --methods cdam,smooth,attention,random
   python pipelines/evaluate.py --checkpoint outputs/train/lidc-20250101-120000/best.ckpt --targets malignancy,spiculation --device cuda
 """
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(PROG, __doc__, EXAMPLES)
     parser.add_argument("--checkpoint", type=Path, help="training checkpoint (default: the newest under outputs/train)")
-    parser.add_argument("--methods", type=_names, default=DEFAULT_METHODS, help=f"comma-separated (default: {','.join(DEFAULT_METHODS)})")
-    parser.add_argument("--targets", type=_names, default=TARGETS, help="comma-separated target names (default: all nine)")
-    parser.add_argument("--views", type=_names, default=VIEWS, help=f"comma-separated (default: {','.join(VIEWS)})")
-    parser.add_argument("--max-nodules", type=int, help="evaluate only the first N test nodules (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="parent of the run folder (default: %(default)s)")
-    parser.add_argument("--run", help="run folder name (default: the training run's folder name)")
-    parser.add_argument("--batch-nodules", type=int, default=4, help="nodules explained per batch (default: %(default)s)")
+    # methods are checked against the registry by EvaluationConfig ('all': every registered method)
+    parser.add_argument("--methods", type=name_list(None, "method"), default=DEFAULT_METHODS,
+                        help=f"comma-separated or 'all' (default: all = {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--targets", type=name_list(TARGETS, "target"), default=TARGETS,
+                        help="comma-separated target names or 'all' (default: all nine)")
+    parser.add_argument("--views", type=name_list(VIEWS, "view"), default=VIEWS,
+                        help=f"comma-separated or 'all' (default: {','.join(VIEWS)})")
+    parser.add_argument("--max-nodules", type=positive_int, help="evaluate only the first N test nodules (default: all)")
+    add_out(parser, "outputs/evaluate", "parent of the run folder")
+    add_run(parser, "run folder name under --out (default: the training run's folder name)")
+    parser.add_argument("--batch-nodules", type=positive_int, default=4, help="nodules explained per batch (default: %(default)s)")
     parser.add_argument("--sanity-nodules", type=int, default=2, help="nodules in the re-initialisation test (default: %(default)s)")
     parser.add_argument("--removal", choices=("drop", "baseline"), default="drop",
                         help="deletion removes tokens from the sequence (drop) or pastes air patches (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_device(parser)
+    add_threads(parser)
+    add_verbosity(parser)
     return parser.parse_args(argv)
 
 
@@ -54,19 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; exit status 0, or 2 with one sentence on bad input."""
     args = parse_args(argv)
     console = Console(stderr=True)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    setup_logging(args, logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
         config = EvaluationConfig(
             checkpoint=args.checkpoint or newest_checkpoint(),
-            out_dir=args.out, run=args.run, methods=args.methods, targets=args.targets, views=args.views,
+            out_dir=args.out, run=args.run, methods=args.methods or DEFAULT_METHODS, targets=args.targets, views=args.views,
             max_nodules=args.max_nodules, nodules_per_batch=args.batch_nodules, sanity_nodules=args.sanity_nodules,
             removal=args.removal, device=args.device, progress=not args.quiet,
         )
-        out = evaluate(config)
+        with torch_threads(args.threads):
+            out = evaluate(config)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        return 2
+        return report_error(PROG, error)
     console.print(f"evaluation written to {out} (summary: {out / 'summary.md'})", soft_wrap=True)
     return 0
 

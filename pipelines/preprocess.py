@@ -1,7 +1,8 @@
 """Preprocess LIDC-IDRI into nodule crops: manifest.csv, failures.csv, one HU crop + consensus mask per nodule.
 
 Without --lidc-root, the embedded synthetic LIDC (phantom CT for real LIDC annotations) is generated
-once and used. The work itself lives in ctcdam.lidc.preprocess; this file parses and wires.
+once and preprocessed into ctcdam's cache folder, the one copy that train.py uses. The work itself lives in
+ctcdam.workflows.preprocess and ctcdam.preprocess.run; this file parses and wires.
 """
 from __future__ import annotations
 
@@ -15,34 +16,39 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ctcdam.cli.common import (
+    ArgumentParser, add_out, add_verbosity, name_list, positive_int, report_error, setup_logging,
+)
 from ctcdam.io import OutputError
 from ctcdam.lidc.crops import CropSpec
-from ctcdam.lidc.preprocess import PreprocessConfig, RunSummary, run_preprocess
+from ctcdam.lidc.scan_nodules import PreprocessConfig
+from ctcdam.preprocess.run import RunSummary
+from ctcdam.workflows.preprocess import preprocess
 
+PROG = "preprocess.py"
 EXAMPLES = """\
-examples:
-  python pipelines/preprocess.py                                   # synthetic default -> outputs/preprocess
+  python pipelines/preprocess.py                                   # synthetic default -> its cache copy (train.py's)
   python pipelines/preprocess.py --lidc-root /data/LIDC-IDRI --out outputs/lidc --workers 8
-  python pipelines/preprocess.py --lidc-root /data/LIDC-IDRI --out outputs/lidc --scans LIDC-IDRI-0001 LIDC-IDRI-0003
+  python pipelines/preprocess.py --lidc-root /data/LIDC-IDRI --out outputs/lidc --scans LIDC-IDRI-0001,LIDC-IDRI-0003
   python pipelines/preprocess.py --lidc-root /data/LIDC-IDRI --out outputs/lidc --shard 3/16 --resume   # SLURM array task 3 of 16
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(PROG, __doc__, EXAMPLES)
     parser.add_argument("--lidc-root", type=Path, help="LIDC-IDRI root (<root>/LIDC-IDRI-xxxx/...); default: synthetic LIDC")
-    parser.add_argument("--out", type=Path, default=Path("outputs/preprocess"), help="output folder (default: %(default)s)")
-    parser.add_argument("--scans", nargs="+", metavar="ID", help="scan ids (default: every patient folder of the root)")
+    add_out(parser, None, "output folder (default: outputs/preprocess; without --lidc-root the synthetic default's "
+            "copy in $CTCDAM_CACHE, the one train.py reads)")
+    parser.add_argument("--scans", type=name_list(what="scan id"), metavar="IDS",
+                        help="comma-separated scan ids, or all (default: every patient folder of the root)")
     parser.add_argument("--min-annotations", type=int, default=3, help="readers needed for a nodule (default: %(default)s)")
     parser.add_argument("--crop-mm", type=float, default=32.0, help="edge of the cubic crop in mm (default: %(default)s)")
     parser.add_argument("--spacing-mm", type=float, default=1.0, help="crop voxel spacing in mm (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel scan workers (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="parallel scan workers (default: %(default)s)")
     parser.add_argument("--shard", default="0/1", metavar="i/n", help="process every n-th scan from i, 0 <= i < n (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="skip scans finished by an earlier run with the same settings")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_verbosity(parser)
     return parser.parse_args(argv)
 
 
@@ -70,19 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the preprocessing; exit status 0, or 2 with one sentence on bad input."""
     args = parse_args(argv)
     console = Console(stderr=True)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    setup_logging(args, logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
-        scans = args.scans
-        root = args.lidc_root
-        if root is None:
-            from ctcdam.synthetic.default import DEFAULT_SCANS, ensure_default_dicom
-
-            root = ensure_default_dicom()
-            scans = scans or list(DEFAULT_SCANS)
         config = PreprocessConfig(
             min_annotations=args.min_annotations, crop=CropSpec(size_mm=args.crop_mm, spacing_mm=args.spacing_mm)
         )
@@ -95,17 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                 task = bar.add_task("", total=total)
                 return lambda scan_id: bar.update(task, advance=1, description=scan_id)
 
-            summary = run_preprocess(
-                root, args.out, scans, config,
+            summary = preprocess(
+                args.lidc_root, args.out, args.scans, config,
                 workers=args.workers, shard=_shard(args.shard), resume=args.resume, progress=progress,
             )
     except OutputError as error:
-        console.print(f"[red]error:[/red] {error}; nothing of the interrupted scan was kept, rerun with --resume "
-                      "once the output folder is writable", highlight=False, soft_wrap=True)
-        return 2
+        return report_error(PROG, f"{error}; nothing of the interrupted scan was kept, rerun with --resume once the "
+                            "output folder is writable")
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        return 2
+        return report_error(PROG, error)
     console.print(_summary_table(summary))
     return 0
 

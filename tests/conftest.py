@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures_synthetic",
     "tests.fixtures_lidc",
     "tests.fixtures_models",
+    "tests.fixtures_explain",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

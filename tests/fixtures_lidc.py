@@ -29,8 +29,8 @@ def generated_lidc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_manifest(synthetic_lidc, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """The ``synthetic_lidc`` scans preprocessed with the default settings: (out_dir, manifest)."""
-    from ctcdam.lidc.manifest import read_manifest
-    from ctcdam.lidc.preprocess import run_preprocess
+    from ctcdam.manifest.schema import read_manifest
+    from ctcdam.preprocess.run import run_preprocess
 
     out_dir = tmp_path_factory.mktemp("synthetic-preprocess")
     run_preprocess(synthetic_lidc.root, out_dir, scan_ids=synthetic_lidc.scan_ids)
@@ -40,8 +40,8 @@ def synthetic_manifest(synthetic_lidc, tmp_path_factory) -> tuple[Path, pd.DataF
 @pytest.fixture(scope="session")
 def generated_preprocessed(generated_lidc, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """``generated_lidc`` preprocessed with the default settings (sequential, in-process): (out_dir, manifest)."""
-    from ctcdam.lidc.manifest import read_manifest
-    from ctcdam.lidc.preprocess import run_preprocess
+    from ctcdam.manifest.schema import read_manifest
+    from ctcdam.preprocess.run import run_preprocess
 
     out_dir = tmp_path_factory.mktemp("generated-preprocess")
     run_preprocess(generated_lidc, out_dir)

@@ -87,16 +87,16 @@ def tiny_train_args(manifest: Path, output_dir: Path, run_name: str, extra: Sequ
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        "--torch_threads=1",
-        f"--output_dir={output_dir}",
-        f"--run_name={run_name}",
+        "--threads=1",
+        f"--out={output_dir}",
+        f"--run={run_name}",
         *extra,
     ]
 
 
 def train_tiny(manifest: Path, output_dir: Path, run_name: str, extra: Sequence[str] = ()) -> dict:
     """Run the training CLI in-process with the tiny model; returns the metrics record."""
-    from ctcdam.models.cli import main
+    from ctcdam.workflows.train import main
 
     return main(tiny_train_args(manifest, output_dir, run_name, extra))
 

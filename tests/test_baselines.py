@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from ctcdam.explain import explain, forward_without_tokens
-from ctcdam.explain.baselines import patch_sums
-from tests.test_cdam import images_for, one_thread, tiny_vit  # noqa: F401 (one_thread: autouse fixture)
+from ctcdam.explain.vit import patch_sums
+from tests.fixtures_explain import images_for, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -65,7 +67,7 @@ def test_forward_without_tokens_matches_cutting_each_sequence() -> None:
     with torch.no_grad():
         everything = torch.ones(3, 16, dtype=torch.bool)
         torch.testing.assert_close(forward_without_tokens(model, images, everything), model(images))
-        outputs = forward_without_tokens(model, images, keep, batch_size=1)
+        outputs = forward_without_tokens(model, images, keep, chunk_elements=1)  # one row per pass
     for b, drop in enumerate([[2, 7], [], [0]]):
         torch.testing.assert_close(outputs[b], _without(model, images[b : b + 1], drop)[0])
     with pytest.raises(ValueError, match="keep has shape"):
@@ -76,7 +78,8 @@ def test_token_ablation_is_output_drop_per_removed_token() -> None:
     model = tiny_vit(img_size=(16, 24))
     images = images_for(model)
     concept = torch.randn(32, dtype=torch.float64)
-    explanation = explain(model, images, [1, concept], "token_ablation", batch_size=4)
+    # 4 rows of 6 tokens (CLS and 5 patches) x width 32 per pass: the 6 ablations of an image in two passes
+    explanation = explain(model, images, [1, concept], "token_ablation", chunk_elements=4 * 6 * 32)
     with torch.no_grad():
         clean = model(images)
         clean_embedding = model.forward_head(model.forward_features(images), pre_logits=True)
@@ -117,13 +120,14 @@ def test_ig_matches_captum_and_is_complete() -> None:
     captum_attr = pytest.importorskip("captum.attr")
     model = tiny_vit(img_size=(16, 24))
     images = images_for(model)
-    ours = explain(model, images, [0, 2], "ig", steps=20, batch_size=7)
+    # 7 rows of 7 tokens x width 32 per pass; each (image, path point) row goes once per target: 3 such rows a pass
+    ours = explain(model, images, [0, 2], "ig", steps=20, chunk_elements=7 * 7 * 32)
     for t, target in enumerate([0, 2]):
         theirs = captum_attr.IntegratedGradients(model).attribute(
             images, baselines=torch.zeros_like(images), target=target, n_steps=20, method="riemann_right"
         )
         torch.testing.assert_close(ours.pixel_maps[:, t], theirs.mean(1))
-    fine = explain(model, images, [0], "ig", steps=400, batch_size=200)
+    fine = explain(model, images, [0], "ig", steps=400, chunk_elements=200 * 7 * 32)
     with torch.no_grad():
         gain = model(images)[:, 0] - model(torch.zeros_like(images))[:, 0]
     torch.testing.assert_close(3 * fine.maps[:, 0].sum((1, 2)), gain, rtol=0.02, atol=1e-3)

@@ -5,45 +5,24 @@ the oracle is checked to 1e-5 relative (of the map's largest magnitude) without 
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
-from timm.layers import Attention
+from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from ctcdam.explain import concept_vector, explain, list_methods
+from ctcdam.explain import Cdam, concept_vector, explain, get_method, list_methods, method_info, method_infos
 from ctcdam.explain.cdam import cls_path_unsupported
 from ctcdam.explain.reference import reference_explain
-from ctcdam.targets import target_index
+from ctcdam.explain.registry import MethodInfo, register_method
+from ctcdam.targets import TARGETS, target_index
+from tests.fixtures_explain import images_for, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_vit(
-    img_size: int | tuple[int, int] = 32, patch_size: int = 8, seed: int = 0, **kwargs: object
-) -> VisionTransformer:
-    """A 2-block, width-32 ViT with 3 outputs in float64; every parameter gets noise so biases are non-zero."""
-    torch.manual_seed(seed)
-    options = dict(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    model = VisionTransformer(**(options | kwargs)).double().eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model
-
-
-def images_for(model: VisionTransformer, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    """Random images of the model's input size."""
-    height, width = model.patch_embed.img_size
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def assert_close_maps(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
@@ -152,10 +131,11 @@ def test_k_targets_in_one_call_equal_k_calls() -> None:
     images = images_for(model, batch=3)
     concept = torch.randn(32, dtype=torch.float64)
     targets = [2, concept, 0, "calcification"]
+    names = TARGETS[:3]  # the tiny model's three outputs, named as the first three LIDC targets
     for method, options in METHODS.items():
-        together = explain(model, images, targets, method, **options)
+        together = explain(model, images, targets, method, output_names=names, **options)
         for t, target in enumerate(targets):
-            alone = explain(model, images, [target], method, **options)
+            alone = explain(model, images, [target], method, output_names=names, **options)
             assert_close_maps(together.maps[:, t : t + 1], alone.maps, rtol=1e-12)
 
 
@@ -181,9 +161,58 @@ def test_chunking_does_not_change_maps() -> None:
 def test_target_names_resolve_to_output_indices() -> None:
     model = tiny_vit()
     images = images_for(model)
-    by_name = explain(model, images, ["malignancy", "calcification"], "cdam")
+    by_name = explain(model, images, ["malignancy", "calcification"], "cdam", output_names=TARGETS[:3])
     by_index = explain(model, images, [target_index("malignancy"), target_index("calcification")], "cdam")
     assert_close_maps(by_name.maps, by_index.maps, rtol=0)
+
+
+def test_a_target_name_needs_output_names() -> None:
+    """The engine knows no dataset: a name without the caller's output names is an error, never output 0."""
+    model = tiny_vit()
+    images = images_for(model)
+    with pytest.raises(ValueError, match="engine takes output indices"):
+        explain(model, images, ["malignancy"], "cdam")
+    with pytest.raises(ValueError, match="output_names names 9 outputs, but the model has 3"):
+        explain(model, images, ["malignancy"], "cdam", output_names=TARGETS)
+
+
+def test_captum_style_class_equals_explain() -> None:
+    """``Method(model).attribute(images, targets, ...)`` is what ``explain`` calls."""
+    model = tiny_vit()
+    images = images_for(model)
+    direct = Cdam(model).attribute(images, [0, 2], engine="general")
+    assert direct.method == "cdam"
+    assert_close_maps(direct.maps, explain(model, images, [0, 2], "cdam", engine="general").maps, rtol=0)
+    with pytest.raises(TypeError, match="samples"):
+        explain(model, images, [0], "cdam", samples=3)  # an option of another method
+
+
+def test_registry_metadata_matches_the_methods() -> None:
+    """Each entry's options are its class's keyword options; the CDAM family is the token-space trio."""
+    for info in method_infos():
+        cls = get_method(info.name)
+        keywords = [
+            name for name, p in inspect.signature(cls.attribute).parameters.items() if p.kind is p.KEYWORD_ONLY
+        ]
+        assert tuple(keywords) == info.options, info.name
+        assert ("chunk_elements" in keywords) == (info.chunk_unit is not None), info.name
+    assert list_methods(family="cdam") == ["cdam", "integrated", "smooth"]
+    assert {method_info(m).space for m in list_methods(family="cdam")} == {"token"}
+    assert [m for m in list_methods() if method_info(m).space == "pixel"] == ["ig", "inputxgrad", "smoothgrad"]
+    assert list_methods(family="control") == ["random"]
+
+
+def test_registration_is_idempotent_and_survives_a_reload() -> None:
+    before = [(info.name, info.entry) for info in method_infos()]
+    register_method(method_info("cdam"))  # the same entry again: a no-op
+    for name in ("ctcdam.explain.cdam", "ctcdam.explain.baselines", "ctcdam.explain"):
+        importlib.reload(importlib.import_module(name))
+    assert [(info.name, info.entry) for info in method_infos()] == before
+    model = tiny_vit()
+    assert explain(model, images_for(model), [0], "smooth", samples=2).maps.shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(MethodInfo("cdam", "elsewhere:Other", family="cdam", space="token", gradients=True,
+                                   concept_targets=True, target_specific=True, signed=True, chunk_unit=None))
 
 
 def test_concept_vector_is_mean_final_norm_cls_embedding() -> None:
@@ -191,7 +220,8 @@ def test_concept_vector_is_mean_final_norm_cls_embedding() -> None:
     images = images_for(model, batch=4)
     with torch.no_grad():
         expected = model.forward_features(images)[:, 0].mean(0)
-    torch.testing.assert_close(concept_vector(model, images, batch_size=3), expected)
+    # 3 images of 17 tokens x width 32 per pass: the 4 images in two chunks
+    torch.testing.assert_close(concept_vector(model, images, chunk_elements=3 * 17 * 32), expected)
 
 
 def test_reinitialised_head_changes_maps() -> None:
@@ -307,7 +337,7 @@ def test_bad_input_gives_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"concept vector must have shape \(32,\)"):
         explain(model, images, [torch.ones(5)], "cdam")
     with pytest.raises(ValueError, match="unknown target 'size'"):
-        explain(model, images, ["size"], "cdam")
+        explain(model, images, ["size"], "cdam", output_names=TARGETS[:3])
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         explain(torch.nn.Linear(3, 3), images, [0], "cdam")
     with pytest.raises(ValueError, match="steps >= 2"):

@@ -9,7 +9,8 @@ from types import ModuleType
 import pytest
 
 from ctcdam.explain.benchmark import benchmark_cdam, profile_entry
-from tests.test_cdam import one_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_ENTRIES = {"cdam", "smooth50", "integrated50", "cdam_9_targets"}

@@ -12,10 +12,10 @@ import torch
 from ctcdam.data.datamodule import NoduleDataModule
 from ctcdam.data.dataset import AugmentConfig
 from ctcdam.data.folds import patient_folds, split_fold
-from ctcdam.data.manifest import ManifestError, load_crops, read_manifest
+from ctcdam.manifest.schema import ManifestError, load_crops, read_manifest
 from ctcdam.data.transforms import DIHEDRAL_VARIANTS, InputConfig, SliceAugmentation, slice_transform
-from ctcdam.data.views import view_slice
-from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, VIEWS
+from ctcdam.data.views import VIEWS, view_slice
+from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS
 from tests.fixtures_models import write_blob_manifest
 
 CFG = InputConfig(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -171,6 +171,12 @@ def test_evaluation_item_holds_the_three_central_views(datamodule: NoduleDataMod
         assert torch.allclose(item["image"][v], slice_transform(CFG)(view_slice(crop, view, 8)))
     batch = next(iter(datamodule.test_dataloader()))
     assert batch["image"].shape[1:] == (3, 3, 32, 32) and batch["biomarkers_z"].shape[1] == 8
+    # the nodule ids travel in the batch, in the order of the part's manifest rows
+    rows = datamodule.rows("test")
+    assert batch["nodule_id"] == rows["nodule_id"].astype(str).tolist()[: len(batch["nodule_id"])]
+    assert item["nodule_id"] == rows["nodule_id"].iloc[1]
+    train = next(iter(datamodule.train_dataloader()))
+    assert set(train["nodule_id"]) <= set(datamodule.rows("train")["nodule_id"])
 
 
 def test_fold_all_and_missing_input_config_are_rejected_at_setup(blob_manifest: Path):

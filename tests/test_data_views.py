@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctcdam.data.views import centre_index, place_view_map, view_slice, view_stack
-from ctcdam.targets import VIEWS
+from ctcdam.data.views import VIEWS, central_slices, centre_index, place_view_map, view_slice, view_stack
 
 VOLUME = np.arange(4 * 5 * 6, dtype=np.int32).reshape(4, 5, 6)  # distinct sizes catch swapped axes
 
@@ -64,3 +63,11 @@ def test_bad_views_indices_and_shapes_are_named():
         place_view_map(np.ones((3, 5, 6)), "axial", None, VOLUME.shape)
     with pytest.raises(ValueError, match="3D"):
         view_slice(np.ones((3, 3)), "axial", 0)
+
+
+def test_central_slices_are_the_centre_slice_of_each_view():
+    slices = central_slices(VOLUME)
+    assert [s.shape for s in slices] == [(5, 6), (4, 6), (4, 5)]
+    for view, got in zip(VIEWS, slices):
+        assert np.array_equal(got, view_slice(VOLUME, view, centre_index(VOLUME.shape, view)))
+    assert np.array_equal(central_slices(VOLUME, ("coronal",))[0], VOLUME[:, 2, :])

@@ -1,4 +1,4 @@
-"""The evaluation run (ctcdam.explain.evaluation) and its CLI (pipelines/evaluate.py) on the tiny demo checkpoint."""
+"""The evaluation run (ctcdam.evaluate) and its CLI (pipelines/evaluate.py) on the tiny demo checkpoint."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,9 @@ import pytest
 from scipy import stats
 
 from ctcdam.data.transforms import InputConfig
-from ctcdam.explain import evaluation
+from ctcdam.evaluate import inputs, run, summary
 from ctcdam.explain.metrics import SCORE_COLUMNS
+from ctcdam.models.runs import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("cdam", "smooth", "attention", "random")
@@ -51,7 +52,7 @@ def test_run_writes_every_table_and_plot(run_dir: Path) -> None:
 
 def test_metrics_table_has_one_row_per_nodule_view_method_target(run_dir: Path) -> None:
     table = pd.read_csv(run_dir / "metrics.csv")
-    assert list(table.columns) == list(evaluation.METRIC_COLUMNS)
+    assert list(table.columns) == list(run.METRIC_COLUMNS)
     n_nodules = table["nodule_id"].nunique()
     assert 1 <= n_nodules <= 2
     assert len(table) == n_nodules * 3 * len(METHODS) * len(TARGETS)
@@ -121,9 +122,9 @@ def test_newest_checkpoint_and_run_name(tmp_path: Path) -> None:
         path.parent.mkdir(parents=True)
         path.write_bytes(b"")
     os.utime(older, (time.time() - 100, time.time() - 100))
-    assert evaluation.newest_checkpoint(tmp_path) == newer
-    assert evaluation.default_run_name(newer) == "b-fold-1"
-    assert evaluation.default_run_name(older) == "a"
+    assert newest_checkpoint(tmp_path) == newer
+    assert run.default_run_name(newer) == "b-fold-1"
+    assert run.default_run_name(older) == "a"
 
 
 def test_mask_tokens_follow_the_image_resize_and_the_dilation() -> None:
@@ -132,14 +133,14 @@ def test_mask_tokens_follow_the_image_resize_and_the_dilation() -> None:
     mask[4:12, 4:12, 4:12] = 1  # an 8 mm cube: exactly the central 2 x 2 tokens of each view
     config = InputConfig(img_size=32)
     views = ("axial", "coronal", "sagittal")
-    inside = evaluation.mask_tokens(mask, (1.0, 1.0, 1.0), views, config, (4, 4), dilation_mm=0.0)
+    inside = inputs.mask_tokens(mask, (1.0, 1.0, 1.0), views, config, (4, 4), dilation_mm=0.0)
     expected = np.zeros((4, 4), dtype=bool)
     expected[1:3, 1:3] = True
     for view in inside:
         np.testing.assert_array_equal(view.numpy(), expected)
     # grown by a 3 mm ball: 3 of the 4 voxel rows of each edge token (overlap 0.75, inside), while the rounded
     # corner reaches 4 of the 16 voxels of each corner token (0.25, outside)
-    grown = evaluation.mask_tokens(mask, (1.0, 1.0, 1.0), views, config, (4, 4), dilation_mm=3.0)
+    grown = inputs.mask_tokens(mask, (1.0, 1.0, 1.0), views, config, (4, 4), dilation_mm=3.0)
     corners = np.zeros((4, 4), dtype=bool)
     corners[[0, 0, 3, 3], [0, 3, 0, 3]] = True
     for view in grown:
@@ -148,14 +149,14 @@ def test_mask_tokens_follow_the_image_resize_and_the_dilation() -> None:
 
 def test_confidence_interval_is_the_student_t_interval() -> None:
     values = [0.1, 0.4, 0.35, 0.8, float("nan")]
-    mean, low, high, n = evaluation.confidence_interval(values)
+    mean, low, high, n = summary.confidence_interval(values)
     finite = np.array(values[:4])
     expected = stats.t.interval(0.95, 3, loc=finite.mean(), scale=stats.sem(finite))
     assert n == 4 and mean == pytest.approx(finite.mean())
     assert (low, high) == pytest.approx(expected)
-    assert np.isnan(evaluation.confidence_interval([1.0])[1])
+    assert np.isnan(summary.confidence_interval([1.0])[1])
     # a share cannot leave [0, 1]: the interval of a few hits and misses is clipped there
-    _, low, high, _ = evaluation.confidence_interval([1.0, 1.0, 0.0], bounds=(0.0, 1.0))
+    _, low, high, _ = summary.confidence_interval([1.0, 1.0, 0.0], bounds=(0.0, 1.0))
     assert (low, high) == (0.0, 1.0)
 
 
@@ -168,19 +169,42 @@ def test_best_method_respects_direction_and_skips_the_control() -> None:
             row.update(correctness=correctness + (0.1 if nodule == "n1" else 0.0), seconds=seconds)
             rows.append(row)
     frame = pd.DataFrame(rows)
-    table = evaluation.method_table(frame, pd.DataFrame(), pd.DataFrame())
-    assert evaluation._best_methods(table, "correctness") == {"cdam"}  # random is higher but is the control
-    assert evaluation._best_methods(table, "seconds") == {"attention"}  # lower is better
-    differences = evaluation.paired_differences(frame, ("correctness",))
+    table = summary.method_table(frame, pd.DataFrame(), pd.DataFrame())
+    assert summary.best_methods(table, "correctness") == {"cdam"}  # random is higher but is the control
+    assert summary.best_methods(table, "seconds") == {"attention"}  # lower is better
+    differences = summary.paired_differences(frame, ("correctness",))
     cdam_vs_attention = differences[(differences["variant"] == "cdam") & (differences["other"] == "attention")]
     assert cdam_vs_attention["mean"].item() == pytest.approx(1.0)
 
 
 def test_unknown_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown view"):
-        evaluation.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", views=("oblique",))
+        run.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", views=("oblique",))
     with pytest.raises(ValueError, match="unknown target"):
-        evaluation.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", targets=("size",))
+        run.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", targets=("size",))
     with pytest.raises(ValueError, match="max_nodules"):
-        evaluation.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", max_nodules=0)
+        run.EvaluationConfig(checkpoint=tmp_path / "x.ckpt", max_nodules=0)
 
+
+
+def test_warm_up_reports_a_failing_method(caplog: pytest.LogCaptureFixture) -> None:
+    """A method that cannot run is logged at warm-up (the timed run then records it), never silently dropped."""
+    from tests.fixtures_explain import images_for, tiny_vit
+
+    model = tiny_vit()
+    config = run.EvaluationConfig(checkpoint=Path("unused.ckpt"), methods=("cdam", "integrated"),
+                                  targets=("malignancy",), method_options={"integrated": {"steps": 1}})
+    with caplog.at_level("WARNING", logger=run.__name__):
+        run.warm_up(model, images_for(model, batch=1), config)
+    assert [r.getMessage() for r in caplog.records] == [
+        "warm-up of method integrated failed: integrated CDAM needs steps >= 2 (it averages k = 1..steps-1), got 1"
+    ]
+    with pytest.raises(ValueError, match="method cdam has no option"):
+        run.EvaluationConfig(checkpoint=Path("unused.ckpt"), methods=("cdam",), method_options={"cdam": {"samples": 3}})
+
+
+def test_default_methods_come_from_the_registry() -> None:
+    from ctcdam.explain import list_methods
+
+    assert sorted(run.DEFAULT_METHODS) == list_methods()
+    assert run.DEFAULT_METHODS[:3] == ("cdam", "smooth", "integrated") and run.DEFAULT_METHODS[-1] == "random"

@@ -23,7 +23,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -33,7 +32,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ctcdam.targets import BIOMARKERS, TARGETS, VIEWS
+from ctcdam.data.views import VIEWS
+from ctcdam.targets import BIOMARKERS, TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPLAIN_SCRIPT = REPO_ROOT / "pipelines" / "explain.py"
@@ -82,7 +82,7 @@ def soft_tissue_vit(input_config):
 def nodule_checkpoint(synthetic_lidc, synthetic_manifest, tmp_path_factory) -> Path:
     """A ctcdam checkpoint of the hand-built soft-tissue ViT, with the synthetic manifest as its training data."""
     from ctcdam.data.labels import BiomarkerScaler
-    from ctcdam.data.manifest import biomarker_matrix, read_manifest
+    from ctcdam.manifest.schema import biomarker_matrix, read_manifest
     from ctcdam.data.transforms import InputConfig
     from ctcdam.models.checkpoint import checkpoint_record
 
@@ -286,7 +286,7 @@ def test_bundle_scene_markups_concept_and_report(bundle: Path):
 def test_maps_follow_an_off_centre_nodule_on_every_axis(nodule_checkpoint, synthetic_lidc):
     """A crop whose nodule sits 6 mm off centre along x, y and z: the 3D map's peak must follow it (a flipped axis
     would put the peak 12 mm away, outside the nodule)."""
-    from ctcdam.export.scan import ExplainSettings, load_scan_series, nodule_maps
+    from ctcdam.workflows.explain_scan import ExplainSettings, load_scan_series, nodule_maps
     from ctcdam.export.volumes import image_on_grid
     from ctcdam.lidc.crops import CropSpec, consensus_mask, crop_reference
     from ctcdam.lidc.nodules import scan_clusters
@@ -308,6 +308,23 @@ def test_maps_follow_an_off_centre_nodule_on_every_axis(nodule_checkpoint, synth
 
 # ---------------------------------------------------------------------------------------------------------------
 # errors and interruptions
+
+
+def test_cli_method_options_have_their_own_flags(capsys):
+    """--samples sets Smooth CDAM's noise draws and --steps Integrated CDAM's path: neither is the other's."""
+    spec = importlib.util.spec_from_file_location("explain_cli", EXPLAIN_SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    p = cli.parser()
+    assert set(cli.METHODS) == {"cdam", "smooth", "integrated"}
+    integrated = p.parse_args(["--scan", SCAN, "--method", "integrated", "--steps", "7"])
+    smooth = p.parse_args(["--scan", SCAN, "--method", "smooth", "--samples", "5"])
+    assert cli.method_options(integrated, p) == {"steps": 7} and cli.method_options(smooth, p) == {"samples": 5}
+    for method, flag in (("integrated", "--samples"), ("smooth", "--steps"), ("cdam", "--samples")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--scan", SCAN, "--method", method, flag, "3"])
+        assert exit_info.value.code == 2
+        assert f"{flag} is not an option of --method {method}" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_sentence_and_non_zero(nodule_checkpoint, synthetic_lidc, tmp_path):
@@ -361,25 +378,52 @@ def test_scan_without_usable_nodules_writes_the_ct_and_says_why(nodule_checkpoin
     assert sitk.ReadImage(str(bundle / "ct.nii.gz")).GetSize()[2] == 2
 
 
+def _bundle_contents(folder: Path) -> dict[str, object]:
+    """File name -> bytes, or the voxel array for NIfTI (bytes of a .mrb zip carry timestamps)."""
+    contents: dict[str, object] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name.endswith(".nii.gz"):
+            contents[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).tobytes()
+        elif name == "predictions.json":
+            document = json.loads(path.read_text())
+            document.pop("timing", None)  # seconds differ between runs
+            document.get("details", {}).pop("timing", None)
+            contents[name] = document
+        elif not name.endswith((".mrb", ".png")):
+            contents[name] = path.read_bytes()
+        else:
+            contents[name] = path.stat().st_size > 0
+    return contents
+
+
 def test_killed_run_leaves_no_half_written_bundle(nodule_checkpoint, synthetic_lidc, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(EXPLAIN_SCRIPT), "--scan", SCAN, "--checkpoint",
-                                str(nodule_checkpoint), "--lidc-root", str(synthetic_lidc.root), "--out", str(out)],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    temporary = out / f".{SCAN}.tmp-{process.pid}"
-    deadline = time.monotonic() + 150
-    while not (temporary / "ct.nii.gz").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert temporary.is_dir(), "the run ended before it started writing; nothing was tested"
-    assert not (out / SCAN).exists()
-    # The next run completes the bundle and removes the dead run's temporary folder.
-    status = _cli_main()(["--scan", SCAN, "--checkpoint", str(nodule_checkpoint), "--lidc-root",
-                          str(synthetic_lidc.root), "--out", str(out), "--targets", "malignancy", "--no-volume"])
-    assert status == 0 and (out / SCAN / "predictions.json").is_file()
-    assert sorted(p.name for p in out.iterdir()) == [SCAN]
+    from ctcdam import io
+    from tests.faulty_runs import run_faulty_pipeline
+
+    argv = ["--scan", SCAN, "--checkpoint", nodule_checkpoint, "--lidc-root", synthetic_lidc.root,
+            "--targets", "malignancy", "--no-volume"]
+    reference, counter = tmp_path / "reference", tmp_path / "reference.count"
+    assert run_faulty_pipeline(EXPLAIN_SCRIPT, [*argv, "--out", reference], counter, at=10**9) == 0
+    n_points = counter.stat().st_size
+    expected = _bundle_contents(reference / SCAN)
+    # First write, middle, the last file published, the staged bundle complete, and (rewriting an existing
+    # bundle) the old one set aside: the kill leaves either the finished bundle or none under its name.
+    for at, rewrite in [(1, False), (n_points // 2, False), (n_points - 2, False), (n_points - 1, False), (n_points, False),
+                        (n_points - 1, True), (n_points, True)]:
+        out = tmp_path / f"killed-{at}-{rewrite}"
+        if rewrite:
+            shutil.copytree(reference, out)
+        status = run_faulty_pipeline(EXPLAIN_SCRIPT, [*argv, "--out", out], tmp_path / f"count-{at}-{rewrite}", at)
+        assert status == -signal.SIGKILL, f"not killed at write point {at} of {n_points}"
+        if (out / SCAN).exists():
+            assert _bundle_contents(out / SCAN) == expected, at  # the finished (old) bundle, never a half one
+        else:
+            assert not rewrite or at == n_points, "only the instant between set-aside and publish has no bundle"
+        assert _cli_main()([*map(str, argv), "--out", str(out)]) == 0
+        assert _bundle_contents(out / SCAN) == expected, at
+        assert sorted(p.name for p in out.iterdir()) == [SCAN], at  # the dead run's staging folders are gone
+        assert not [p for p in out.rglob("*") if io.is_temporary(p)], at
 
 
 # ---------------------------------------------------------------------------------------------------------------

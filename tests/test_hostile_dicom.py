@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
 
-from ctcdam.lidc.manifest import read_failures
-from ctcdam.lidc.preprocess import PreprocessConfig, process_scan
+from ctcdam.lidc.scan_nodules import PreprocessConfig
+from ctcdam.manifest.schema import read_failures
+from ctcdam.preprocess.run import process_scan
 
 SCAN = "LIDC-IDRI-0001"
 #: Tags the loader needs (DICOM keyword -> a word its error message must contain).

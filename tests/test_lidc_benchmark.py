@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.benchmark import benchmark_preprocess, naive_crop
+from ctcdam.preprocess.benchmark import benchmark_preprocess, naive_crop
 from ctcdam.lidc.crops import CropSpec, consensus_mask, crop_nodule
 from ctcdam.lidc.dicom_index import index_patient
 from ctcdam.lidc.nodules import scan_clusters

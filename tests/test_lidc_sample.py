@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ctcdam.lidc.dicom_index import index_patient
-from ctcdam.lidc.manifest import read_failures, read_manifest
-from ctcdam.lidc.preprocess import run_preprocess
+from ctcdam.manifest.schema import read_failures, read_manifest
+from ctcdam.preprocess.run import run_preprocess
 from ctcdam.lidc.pylidc_compat import get_scan
 from ctcdam.lidc.series import load_series
 

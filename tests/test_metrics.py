@@ -8,8 +8,10 @@ from scipy import stats
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ctcdam.data.geometry import dilate_mask
 from ctcdam.explain import explain
 from ctcdam.explain import metrics
+from ctcdam.targets import target_index
 
 #: Patch tokens read by output 0 and output 1 of the known-truth model (4 x 4 grid, row-major).
 TOKEN_A, TOKEN_B = 5, 10
@@ -203,8 +205,10 @@ def test_correctness_is_lif_minus_mif_area_in_units_of_the_scale() -> None:
 
 def test_output_scale_is_the_spread_of_each_target() -> None:
     outputs = torch.tensor([[0.0, 1.0, 5.0], [2.0, 1.0, 5.0], [4.0, 1.0, 5.0]])
-    scale = metrics.output_scale(outputs, [0, "subtlety"])
+    scale = metrics.output_scale(outputs, [0, target_index("subtlety")])
     assert scale.tolist() == pytest.approx([2.0, 1.0])  # std 2; a constant output falls back to 1
+    with pytest.raises(TypeError, match="output indices"):
+        metrics.output_scale(outputs, [0, "subtlety"])  # the engine resolves no names
 
 
 def test_compactness_hand_values() -> None:
@@ -240,11 +244,11 @@ def test_spearman_matches_scipy() -> None:
 def test_dilate_mask_uses_physical_distance() -> None:
     mask = np.zeros((5, 5, 5), dtype=np.uint8)
     mask[2, 2, 2] = 1
-    assert metrics.dilate_mask(mask, (1.0, 1.0, 1.0)).sum() == 7  # the voxel and its 6 face neighbours at 1 mm
-    assert metrics.dilate_mask(mask, (2.0, 1.0, 1.0)).sum() == 5  # z neighbours are 2 mm away: not within 1 mm
-    assert metrics.dilate_mask(mask, (1.0, 1.0, 1.0), radius_mm=1.5).sum() == 19  # plus the 12 edge neighbours (1.41 mm)
+    assert dilate_mask(mask, (1.0, 1.0, 1.0)).sum() == 7  # the voxel and its 6 face neighbours at 1 mm
+    assert dilate_mask(mask, (2.0, 1.0, 1.0)).sum() == 5  # z neighbours are 2 mm away: not within 1 mm
+    assert dilate_mask(mask, (1.0, 1.0, 1.0), radius_mm=1.5).sum() == 19  # plus the 12 edge neighbours (1.41 mm)
     with pytest.raises(ValueError, match="spacing"):
-        metrics.dilate_mask(mask, (1.0, 0.0, 1.0))
+        dilate_mask(mask, (1.0, 0.0, 1.0))
 
 
 def test_tokens_inside_need_half_a_patch_or_the_largest_overlap() -> None:

@@ -9,7 +9,7 @@ import safetensors.torch
 import timm
 import torch
 
-from ctcdam.models.backbone import WeightsUnavailableError, create_backbone, embed, set_trainable
+from ctcdam.models.backbone import WeightsUnavailableError, create_backbone, head_embedding, set_trainable
 from ctcdam.models.feature_cache import EmbeddingCache
 from ctcdam.models.losses import multitask_loss
 
@@ -90,7 +90,7 @@ def test_head_on_cached_embeddings_equals_the_full_forward():
     model = create_backbone(NAME, "none", 32, TINY).eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.head(embed(model, images)), model(images), atol=1e-6)
+        assert torch.allclose(model.head(head_embedding(model, images)), model(images), atol=1e-6)
 
 
 def test_embedding_cache_computes_each_key_once():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ctcdam.data.manifest import read_crop, read_manifest
+from ctcdam.manifest.schema import read_crop, read_manifest
 from ctcdam.data.transforms import to_model_input
-from ctcdam.data.views import view_slice
+from ctcdam.data.views import VIEWS, view_slice
 from ctcdam.models.checkpoint import CheckpointError, load_for_inference
-from ctcdam.targets import BIOMARKERS, TARGETS, VIEWS
+from ctcdam.targets import BIOMARKERS, TARGETS
 
 
 def test_loads_an_eval_mode_vit_with_config_scaler_and_split(tiny_checkpoint: Path, blob_manifest: Path):

@@ -17,8 +17,9 @@ import SimpleITK as sitk
 
 from ctcdam import io
 from ctcdam.lidc.crops import CropSpec
-from ctcdam.lidc.manifest import read_failures
-from ctcdam.lidc.preprocess import RECORD_FILE, PreprocessConfig, run_preprocess
+from ctcdam.lidc.scan_nodules import PreprocessConfig
+from ctcdam.manifest.schema import read_failures
+from ctcdam.preprocess.run import RECORD_FILE, run_preprocess
 from tests.faulty_runs import run_faulty_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,10 @@ def test_bad_scans_fail_with_a_reason_and_the_run_goes_on(generated_lidc, tmp_pa
     duplicate_of = _slices(root, "LIDC-IDRI-0014")[3]
     ds = pydicom.dcmread(duplicate_of)
     ds.InstanceNumber = int(ds.InstanceNumber) + 1000
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()  # another instance
     ds.save_as(duplicate_of.with_name("duplicate.dcm"), enforce_file_format=True)
 
-    with caplog.at_level(logging.WARNING, logger="ctcdam.lidc.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="ctcdam.preprocess.run"):
         summary = run_preprocess(root, tmp_path / "out")
     assert (summary.scans_ok, summary.scans_failed) == (1, 2)
     failures = read_failures(tmp_path / "out" / "failures.csv")
@@ -160,7 +162,7 @@ def test_resume_redoes_a_unit_whose_file_was_truncated(generated_lidc, reference
     crop = next(out.glob("crops/LIDC-IDRI-0021/*_hu.nii.gz"))
     crop.write_bytes(crop.read_bytes()[:100])
     (out / "crops" / "LIDC-IDRI-0001" / "nodules.csv").unlink()
-    with caplog.at_level("WARNING", logger="ctcdam.lidc.preprocess"):
+    with caplog.at_level("WARNING", logger="ctcdam.preprocess.run"):
         summary = run_preprocess(generated_lidc, out, resume=True)
     assert summary.scans_resumed == 1  # LIDC-IDRI-0014 was intact
     messages = " ".join(r.message for r in caplog.records)

@@ -17,7 +17,6 @@ from ctcdam.lidc.pylidc_compat import DICOM_ROOT_ENV, all_scan_ids, consensus, g
 from ctcdam.synthetic import (
     DEFAULT_SCANS,
     chest_phantom_slice,
-    default_cache_dir,
     ensure_default_dicom,
     painted_hu,
     painted_nodules,
@@ -26,6 +25,7 @@ from ctcdam.synthetic import (
 from ctcdam.synthetic.phantom import paint_slice
 from ctcdam.synthetic.selection import QUIRKY_SCANS
 from ctcdam.synthetic.writer import covered_slice_indices
+from ctcdam.workflows.defaults import default_cache_dir
 
 NOISE_FREE_SCAN = "LIDC-IDRI-0407"  # 4 clusters, one calcified; 21 slices with a 10 mm margin
 TINY_SCAN = "LIDC-IDRI-0059"  # one nodule; 4 slices with a 2 mm margin

@@ -1,1 +1,1 @@
-"""Nodule crops as model inputs: manifest checks, views, MONAI transforms, patient-grouped folds, datasets, DataModule."""
+"""Nodule crops as model inputs: views, MONAI transforms, patient-grouped folds, datasets, DataModule (the manifest: ctcdam.manifest)."""

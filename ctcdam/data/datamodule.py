@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from ctcdam.data.dataset import AugmentConfig, EvalViewsDataset, NoduleTargets, TrainSliceDataset
 from ctcdam.data.folds import FoldSplit, split_fold
 from ctcdam.data.labels import BiomarkerScaler
-from ctcdam.data.manifest import CropGeometry, biomarker_matrix, load_crops, read_manifest
 from ctcdam.data.transforms import InputConfig
-from ctcdam.targets import VIEWS
+from ctcdam.data.views import VIEWS
+from ctcdam.manifest.schema import CropGrid, biomarker_matrix, load_crops, read_manifest, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,10 @@ class NoduleDataModule(pl.LightningDataModule):
     """Nodule crops of one cross-validation fold as 2D view slices (train: random view/slice; val/test: all views).
 
     Args:
-        manifest: preprocessing manifest.csv; None trains on the synthetic default (generated on first use).
-        lidc_root: the LIDC-IDRI DICOM root the manifest came from (recorded in the checkpoint; None = synthetic).
+        manifest: preprocessing manifest.csv (``null`` in a config: the training workflow puts the synthetic
+            default's here, see ctcdam.workflows.defaults).
+        lidc_root: the LIDC-IDRI DICOM root the manifest came from (recorded in the checkpoint for explain);
+            None: the root named by the manifest's run record.
         fold: test fold index; ``"all"`` is resolved by the training CLI (one run per fold).
         n_folds: patient-grouped, malignancy-stratified folds.
         val_fraction: share of the training folds' patients held out for checkpoint selection.
@@ -55,7 +57,6 @@ class NoduleDataModule(pl.LightningDataModule):
         intensity_jitter: float = 0.05,
         input_config: InputConfig | None = None,
         embedding_cache: bool = False,
-        cache_dir: str | None = None,
     ):
         super().__init__()
         self.manifest = manifest
@@ -71,7 +72,6 @@ class NoduleDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.input_config = input_config
-        self.cache_dir = cache_dir
         if embedding_cache and intensity_jitter > 0:
             log.info("intensity jitter off: cached backbone embeddings need images that repeat exactly")
             intensity_jitter = 0.0
@@ -80,24 +80,16 @@ class NoduleDataModule(pl.LightningDataModule):
         self.frame: pd.DataFrame | None = None
         self.split: FoldSplit | None = None
         self.scaler: BiomarkerScaler | None = None
-        self.geometry: CropGeometry | None = None
+        self.geometry: CropGrid | None = None
         self.datasets: dict[str, Any] = {}
 
     # -- locations ---------------------------------------------------------------------------------
     def manifest_path(self) -> Path:
-        """The manifest this module reads (the synthetic default's when none is given)."""
-        if self.manifest is not None:
-            return Path(self.manifest)
-        from ctcdam.data.default import default_manifest_path
-
-        return default_manifest_path(self.cache_dir)
-
-    def prepare_data(self) -> None:
-        """Generate and preprocess the synthetic default when no manifest is given (rank 0 only, resume-safe)."""
+        """The manifest this module reads; ValueError when none was given."""
         if self.manifest is None:
-            from ctcdam.data.default import ensure_default_manifest
-
-            ensure_default_manifest(self.cache_dir)
+            raise ValueError("NoduleDataModule needs a manifest (data.manifest); the training workflow fills in the "
+                             "synthetic default's when the configuration leaves it null")
+        return Path(self.manifest)
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -115,7 +107,8 @@ class NoduleDataModule(pl.LightningDataModule):
         scaler = BiomarkerScaler.fit(biomarkers[split.train])
 
         def targets(rows: np.ndarray) -> NoduleTargets:
-            return NoduleTargets(frame["label"].to_numpy()[rows], scaler.transform(biomarkers[rows]), biomarkers[rows])
+            ids = frame["nodule_id"].astype(str).to_numpy()[rows]
+            return NoduleTargets(ids, frame["label"].to_numpy()[rows], scaler.transform(biomarkers[rows]), biomarkers[rows])
 
         self.frame, self.split, self.scaler, self.geometry = frame, split, scaler, geometry
         self.datasets = {
@@ -156,13 +149,17 @@ class NoduleDataModule(pl.LightningDataModule):
 
     # -- provenance --------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
-        """What travels inside the checkpoint about the data: manifest, root, fold, seed, split ids, crop geometry."""
+        """What travels inside the checkpoint about the data: manifest, DICOM root and preprocessing settings (from
+        the manifest's run record unless given), fold, seed, split ids, crop geometry."""
         if self.frame is None or self.split is None or self.geometry is None:
             raise RuntimeError("call setup() first")
         ids = self.frame["nodule_id"].astype(str).to_numpy()
+        run = read_run_record(self.manifest_path()) or {}
+        lidc_root = self.lidc_root if self.lidc_root is not None else run.get("lidc_root")
         return {
             "manifest": str(self.manifest_path().resolve()),
-            "lidc_root": None if self.lidc_root is None else str(self.lidc_root),
+            "lidc_root": None if lidc_root is None else str(lidc_root),
+            "preprocess": run.get("preprocess"),
             "fold": int(self.fold),
             "n_folds": int(self.n_folds),
             "seed": int(self.split_seed),

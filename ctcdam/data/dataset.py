@@ -9,8 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctcdam.data.transforms import DIHEDRAL_VARIANTS, InputConfig, SliceAugmentation, slice_transform
-from ctcdam.data.views import centre_index, view_axis, view_slice
-from ctcdam.targets import VIEWS
+from ctcdam.data.views import VIEWS, central_slices, centre_index, view_axis, view_slice
 
 
 @dataclass(frozen=True)
@@ -30,16 +29,24 @@ class AugmentConfig:
 
 
 class NoduleTargets:
-    """Per-row targets: malignancy label (NaN = none), standardised and raw biomarkers."""
+    """Per-row nodule id and targets: malignancy label (NaN = none), standardised and raw biomarkers."""
 
-    def __init__(self, label: np.ndarray, biomarkers_z: np.ndarray, biomarkers: np.ndarray):
+    def __init__(self, nodule_ids: Sequence[str], label: np.ndarray, biomarkers_z: np.ndarray, biomarkers: np.ndarray):
+        self.nodule_ids = [str(n) for n in nodule_ids]
         self.label = torch.as_tensor(np.asarray(label, dtype=np.float32))
         self.biomarkers_z = torch.as_tensor(np.asarray(biomarkers_z, dtype=np.float32))
         self.biomarkers = torch.as_tensor(np.asarray(biomarkers, dtype=np.float32))
+        if not len(self.nodule_ids) == len(self.label) == len(self.biomarkers_z) == len(self.biomarkers):
+            raise ValueError("nodule ids, labels and biomarkers need one entry per row")
 
-    def item(self, i: int) -> dict[str, torch.Tensor]:
-        """The target fields of row i as batch entries."""
-        return {"label": self.label[i], "biomarkers_z": self.biomarkers_z[i], "biomarkers": self.biomarkers[i]}
+    def item(self, i: int) -> dict[str, torch.Tensor | str]:
+        """The fields of row i as batch entries (the id travels with the batch, so outputs name their nodule)."""
+        return {
+            "nodule_id": self.nodule_ids[i],
+            "label": self.label[i],
+            "biomarkers_z": self.biomarkers_z[i],
+            "biomarkers": self.biomarkers[i],
+        }
 
 
 class TrainSliceDataset(Dataset):
@@ -90,7 +97,7 @@ class TrainSliceDataset(Dataset):
             shift = jitter * float(2 * torch.rand(()) - 1)
         return view, offset, variant, SliceAugmentation(variant=self.variants[variant], scale=scale, shift=shift)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
         view, offset, variant, aug = self._draw()
         name = self.views[view]
         index = centre_index(self.crops.shape[1:], name) - self.augment.slice_jitter + offset
@@ -116,9 +123,8 @@ class EvalViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.crops)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        crop = self.crops[i]
-        images = torch.stack([self.transform(view_slice(crop, v, centre_index(crop.shape, v))) for v in self.views])
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
+        images = torch.stack([self.transform(s) for s in central_slices(self.crops[i], self.views)])
         return {
             "image": images,
             "index": torch.tensor(i),

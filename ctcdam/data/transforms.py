@@ -25,12 +25,10 @@ from monai.transforms import (
     ShiftIntensity,
 )
 from numpy.typing import ArrayLike
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 #: The lung window of the reference work: HU clamped to [-1000, 400].
 DEFAULT_WINDOW: tuple[float, float] = (-1000.0, 400.0)
-#: ImageNet statistics (timm's IMAGENET_DEFAULT_MEAN/STD), the pretrained cfg of the DINO ViTs.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,9 @@ class InputConfig:
 
     img_size: int
     window: tuple[float, float] = DEFAULT_WINDOW
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    # timm's ImageNet statistics (the pretrained cfg of the DINO ViTs); a model passes its own pretrained_cfg values
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     def __post_init__(self) -> None:
         lo, hi = self.window
@@ -144,8 +143,6 @@ def to_model_input(slices_hu: ArrayLike, cfg: InputConfig | Mapping[str, Any]) -
 __all__ = [
     "DEFAULT_WINDOW",
     "DIHEDRAL_VARIANTS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "InputConfig",
     "SliceAugmentation",
     "as_input_config",

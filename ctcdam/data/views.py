@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ctcdam.targets import VIEWS
-
+#: The three orthogonal views of a crop, in the order used everywhere.
+VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 #: Array axis of a (z, y, x) volume that each view slices along.
 VIEW_AXIS: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
@@ -56,6 +56,12 @@ def view_stack(volume_zyx: ArrayLike, view: str) -> np.ndarray:
 def centre_index(shape_zyx: Sequence[int], view: str) -> int:
     """Index of the central slice of `view` (n // 2, slice 16 of a 32-voxel crop as in the reference work)."""
     return int(shape_zyx[view_axis(view)]) // 2
+
+
+def central_slices(volume_zyx: ArrayLike, views: Sequence[str] = VIEWS) -> list[np.ndarray]:
+    """The central slice of each view (the images that evaluation and test-time prediction average over)."""
+    volume = _as_volume(volume_zyx)
+    return [view_slice(volume, view, centre_index(volume.shape, view)) for view in views]
 
 
 def view_shape(shape_zyx: Sequence[int], view: str) -> tuple[int, int]:

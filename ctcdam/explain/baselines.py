@@ -12,97 +12,42 @@ sigma relative to each image's range, channel mean), batched over steps, samples
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from timm.models.vision_transformer import VisionTransformer
-
 from ctcdam.explain import vit
-from ctcdam.explain.cdam import (
-    Explanation,
-    NoisePerSample,
-    Target,
-    TargetWeights,
-    register_method,
-    target_weights,
+from ctcdam.explain.api import Attribution, Explanation, Target, TargetWeights, attribute_method
+from ctcdam.explain.perturb import (
+    DEFAULT_CHUNK_ELEMENTS,
+    FORWARD_CHUNK_ELEMENTS,
+    MakeRows,
+    average_over_samples,
+    gaussian_noise,
+    rows_per_chunk,
+    scaled_path,
+    unperturbed,
 )
 
 
-def _outputs_and_weights(
-    model: VisionTransformer, images: Tensor, targets: Sequence[Target]
-) -> tuple[Tensor, TargetWeights]:
-    """Plain outputs of the images and the targets resolved against them."""
-    with torch.no_grad():
-        outputs, embedding = vit.head_outputs(model, model.forward_features(images))
-    return outputs, target_weights(targets, outputs, embedding)
-
-
-def _token_explanation(
-    model: VisionTransformer, images: Tensor, scores: Tensor, outputs: Tensor, method: str
-) -> Explanation:
-    """An Explanation from token scores (B, n_targets, N)."""
-    grid = vit.grid_size(model, tuple(images.shape[-2:]))
-    return Explanation(
-        maps=scores.reshape(*scores.shape[:2], *grid),
-        outputs=outputs,
-        method=method,
-        patch_size=vit.patch_size(model),
-        image_size=tuple(images.shape[-2:]),
-    )
-
-
-def patch_sums(pixel_maps: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
-    """Sum a pixel map (..., H, W) over each patch of the token grid: (..., grid_h, grid_w).
-
-    Pixels beyond the last full patch (timm ignores them) are dropped; a grid that reaches past the image
-    (dynamic padding) sees zeros there, as the padded input does.
-    """
-    height, width = grid[0] * patch[0], grid[1] * patch[1]
-    cropped = pixel_maps[..., :height, :width]
-    padded = torch.nn.functional.pad(cropped, (0, width - cropped.shape[-1], 0, height - cropped.shape[-2]))
-    blocks = padded.reshape(*padded.shape[:-2], grid[0], patch[0], grid[1], patch[1])
-    return blocks.sum(dim=(-3, -1))
-
-
-def _pixel_explanation(
-    model: VisionTransformer, images: Tensor, pixels: Tensor, outputs: Tensor, method: str
-) -> Explanation:
-    """An Explanation from a channel-mean pixel attribution (B, n_targets, H, W)."""
-    grid = vit.grid_size(model, tuple(images.shape[-2:]))
-    return Explanation(
-        maps=patch_sums(pixels, grid, vit.patch_size(model)),
-        outputs=outputs,
-        method=method,
-        patch_size=vit.patch_size(model),
-        image_size=tuple(images.shape[-2:]),
-        pixel_maps=pixels,
-    )
-
-
-def _mean_input_gradients(
+def mean_input_gradients(
     model: VisionTransformer,
     images: Tensor,
     weights: TargetWeights,
     n_samples: int,
-    make_inputs: Callable[[Tensor, Tensor], Tensor],
-    batch_size: int,
+    make_inputs: MakeRows,
+    chunk_elements: int,
 ) -> Tensor:
     """Mean over samples of d target / d input, (B, n_targets, C, H, W).
 
-    ``make_inputs(image_index, sample_index)`` builds the model inputs of a chunk of (image, sample) rows,
-    ordered sample-major; each row is repeated once per target so one backward gives all targets.
+    ``make_inputs(samples, images)`` builds the model inputs of a block (``ctcdam.explain.perturb``); each input
+    row is repeated once per target so one backward gives all targets, and a chunk counts those repeats.
     """
-    batch, n_targets = images.shape[0], len(weights)
-    image_index = torch.arange(batch, device=images.device).repeat(n_samples)
-    sample_index = torch.arange(n_samples, device=images.device).repeat_interleave(batch)
-    totals = images.new_zeros((batch, n_targets, *images.shape[1:]))
-    rows_per_chunk = max(1, batch_size // n_targets)
-    for start in range(0, batch * n_samples, rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        with torch.no_grad():
-            inputs = make_inputs(image_index[rows], sample_index[rows])
+    n_targets = len(weights)
+
+    def input_gradients(inputs: Tensor) -> Tensor:
         leaf = inputs.repeat_interleave(n_targets, 0).requires_grad_(True)
         with torch.enable_grad():
             outputs, embedding = vit.head_outputs(model, model.forward_features(leaf))
@@ -110,115 +55,152 @@ def _mean_input_gradients(
                 outputs.view(-1, n_targets, outputs.shape[-1]), embedding.view(-1, n_targets, embedding.shape[-1])
             )
             (grad,) = torch.autograd.grad(values.sum(), leaf)
-        totals.index_add_(0, image_index[rows], grad.view(-1, n_targets, *images.shape[1:]))
-    return totals / n_samples
+        return grad.view(-1, n_targets, *images.shape[1:])
+
+    per_row = vit.tokens_per_image(model, tuple(images.shape[-2:])) * int(model.embed_dim) * n_targets
+    return average_over_samples(
+        input_gradients, make_inputs, n_samples=n_samples, n_images=images.shape[0],
+        chunk_rows=rows_per_chunk(chunk_elements, per_row),
+    )
 
 
-@register_method("attention")
-def attention_map(model: VisionTransformer, images: Tensor, targets: Sequence[Target]) -> Explanation:
+class AttentionMap(Attribution):
     """Last-layer attention of the CLS query to each patch token, mean over heads (the same map for every target)."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    block = model.blocks[-1]
-    with torch.no_grad():
-        probs = vit.attention_probabilities(block.attn, block.norm1(vit.last_block_input(model, images)), queries=1)
-    scores = probs[:, :, 0, vit.num_prefix_tokens(model) :].mean(1)
-    return _token_explanation(model, images, scores[:, None].expand(-1, len(weights), -1), outputs, "attention")
+
+    name = "attention"
+
+    @attribute_method
+    def attribute(self, images: Tensor, targets: Sequence[Target]) -> Explanation:
+        """The CLS row of the last attention, mean over heads, once per target."""
+        model = self.model
+        outputs, weights = self.plain_outputs(images, targets)
+        block = model.blocks[-1]
+        with torch.no_grad():
+            probs = vit.attention_probabilities(block.attn, block.norm1(vit.last_block_input(model, images)), queries=1)
+        scores = probs[:, :, 0, vit.num_prefix_tokens(model) :].mean(1)
+        return Explanation.from_tokens(model, images, scores[:, None].expand(-1, len(weights), -1), outputs, self.name)
 
 
-@register_method("rollout")
-def attention_rollout(model: VisionTransformer, images: Tensor, targets: Sequence[Target]) -> Explanation:
-    """Attention rollout: product over blocks of (mean-head attention + identity) / 2, row-normalised; CLS row."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    with torch.no_grad():
-        x = model.norm_pre(vit.embed(model, images))
-        eye = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)
-        rollout = eye.expand(x.shape[0], -1, -1)
-        for block in model.blocks:
-            attention = vit.attention_probabilities(block.attn, block.norm1(x)).mean(1)
-            mixed = 0.5 * (attention + eye)
-            rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
-            x = block(x)
-    scores = rollout[:, 0, vit.num_prefix_tokens(model) :]
-    return _token_explanation(model, images, scores[:, None].expand(-1, len(weights), -1), outputs, "rollout")
+class AttentionRollout(Attribution):
+    """Attention rollout (Abnar & Zuidema): product over blocks of (mean-head attention + identity) / 2; CLS row."""
+
+    name = "rollout"
+
+    @attribute_method
+    def attribute(self, images: Tensor, targets: Sequence[Target]) -> Explanation:
+        """The CLS row of the rolled-out attention, row-normalised at every block, once per target."""
+        model = self.model
+        outputs, weights = self.plain_outputs(images, targets)
+        with torch.no_grad():
+            x = model.norm_pre(vit.embed_tokens(model, images))
+            eye = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)
+            rollout = eye.expand(x.shape[0], -1, -1)
+            for block in model.blocks:
+                attention = vit.attention_probabilities(block.attn, block.norm1(x)).mean(1)
+                mixed = 0.5 * (attention + eye)
+                rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
+                x = block(x)
+        scores = rollout[:, 0, vit.num_prefix_tokens(model) :]
+        return Explanation.from_tokens(model, images, scores[:, None].expand(-1, len(weights), -1), outputs, self.name)
 
 
-@register_method("token_ablation")
-def token_ablation(
-    model: VisionTransformer, images: Tensor, targets: Sequence[Target], *, batch_size: int = 64
-) -> Explanation:
+class TokenAblation(Attribution):
     """Token ablation map: target(all tokens) - target(without patch token i), tokens dropped from the sequence."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    batch = images.shape[0]
-    n_patches = vit.embed(model, images[:1]).shape[1] - vit.num_prefix_tokens(model)
-    keep = ~torch.eye(n_patches, dtype=torch.bool, device=images.device)
-    scores = images.new_empty((batch, len(weights), n_patches))
-    with torch.no_grad():
-        clean = weights.all_values(*vit.head_outputs(model, model.forward_features(images)))
-        for b in range(batch):
-            ablated_out, ablated_emb = vit.forward_without_tokens(
-                model, images[b : b + 1].expand(n_patches, -1, -1, -1), keep, batch_size=batch_size, with_embedding=True
-            )
-            scores[b] = (clean[b, :, None] - weights.all_values(ablated_out, ablated_emb).T)
-    return _token_explanation(model, images, scores, outputs, "token_ablation")
+
+    name = "token_ablation"
+
+    @attribute_method
+    def attribute(
+        self, images: Tensor, targets: Sequence[Target], *, chunk_elements: int = FORWARD_CHUNK_ELEMENTS
+    ) -> Explanation:
+        """One forward per patch token and image, without that token; chunks in forward rows."""
+        model = self.model
+        outputs, weights = self.plain_outputs(images, targets)
+        batch = images.shape[0]
+        n_patches = vit.embed_tokens(model, images[:1]).shape[1] - vit.num_prefix_tokens(model)
+        keep = ~torch.eye(n_patches, dtype=torch.bool, device=images.device)
+        scores = images.new_empty((batch, len(weights), n_patches))
+        with torch.no_grad():
+            clean = weights.all_values(*vit.head_outputs(model, model.forward_features(images)))
+            for b in range(batch):
+                ablated_out, ablated_emb = vit.forward_without_tokens(
+                    model, images[b : b + 1].expand(n_patches, -1, -1, -1), keep, chunk_elements=chunk_elements,
+                    with_embedding=True,
+                )
+                scores[b] = clean[b, :, None] - weights.all_values(ablated_out, ablated_emb).T
+        return Explanation.from_tokens(model, images, scores, outputs, self.name)
 
 
-@register_method("ig")
-def integrated_gradients(
-    model: VisionTransformer, images: Tensor, targets: Sequence[Target], *, steps: int = 50, batch_size: int = 16
-) -> Explanation:
+class IntegratedGradients(Attribution):
     """Integrated Gradients from a zero baseline: x * mean of grads at alpha = k/steps, k = 1..steps; channel mean."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
 
-    def path_points(image_index: Tensor, sample_index: Tensor) -> Tensor:
-        alpha = (sample_index + 1).to(images.dtype) / steps
-        return alpha[:, None, None, None] * images[image_index]
+    name = "ig"
 
-    grads = _mean_input_gradients(model, images, weights, steps, path_points, batch_size)
-    return _pixel_explanation(model, images, (images[:, None] * grads).mean(2), outputs, "ig")
+    @attribute_method
+    def attribute(
+        self,
+        images: Tensor,
+        targets: Sequence[Target],
+        *,
+        steps: int = 50,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> Explanation:
+        """Right Riemann sum over ``steps`` path points; chunks in input rows (one per point, image and target)."""
+        outputs, weights = self.plain_outputs(images, targets)
+        grads = mean_input_gradients(self.model, images, weights, steps, scaled_path(images, steps), chunk_elements)
+        return Explanation.from_pixels(self.model, images, (images[:, None] * grads).mean(2), outputs, self.name)
 
 
-@register_method("smoothgrad")
-def smoothgrad(
-    model: VisionTransformer,
-    images: Tensor,
-    targets: Sequence[Target],
-    *,
-    samples: int = 50,
-    noise: float = 0.15,
-    seed: int | None = 0,
-    batch_size: int = 16,
-) -> Explanation:
+class SmoothGrad(Attribution):
     """SmoothGrad: mean raw gradient over x + N(0, (noise * (max x - min x))^2) per image; channel mean."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    sigma = (noise * (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3)))).tolist()
-    draws = NoisePerSample(images, seed)
 
-    def noisy(image_index: Tensor, sample_index: Tensor) -> Tensor:
-        rows = images.new_empty((len(image_index), *images.shape[1:]))
-        for row, image, k in zip(rows, image_index.tolist(), sample_index.tolist()):
-            torch.add(images[image], draws(range(k, k + 1))[0], alpha=sigma[image], out=row)
-        return rows
+    name = "smoothgrad"
 
-    grads = _mean_input_gradients(model, images, weights, samples, noisy, batch_size)
-    return _pixel_explanation(model, images, grads.mean(2), outputs, "smoothgrad")
+    @attribute_method
+    def attribute(
+        self,
+        images: Tensor,
+        targets: Sequence[Target],
+        *,
+        samples: int = 50,
+        noise: float = 0.15,
+        seed: int | None = 0,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> Explanation:
+        """Gradients averaged over ``samples`` seeded noise draws (``seed`` None: the global RNG)."""
+        outputs, weights = self.plain_outputs(images, targets)
+        noisy = gaussian_noise(images, noise, seed)
+        grads = mean_input_gradients(self.model, images, weights, samples, noisy, chunk_elements)
+        return Explanation.from_pixels(self.model, images, grads.mean(2), outputs, self.name)
 
 
-@register_method("inputxgrad")
-def input_x_gradient(
-    model: VisionTransformer, images: Tensor, targets: Sequence[Target], *, batch_size: int = 16
-) -> Explanation:
+class InputXGradient(Attribution):
     """Input x Gradient, channel mean."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    grads = _mean_input_gradients(model, images, weights, 1, lambda image_index, _: images[image_index], batch_size)
-    return _pixel_explanation(model, images, (images[:, None] * grads).mean(2), outputs, "inputxgrad")
+
+    name = "inputxgrad"
+
+    @attribute_method
+    def attribute(
+        self, images: Tensor, targets: Sequence[Target], *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    ) -> Explanation:
+        """The image times its gradient; chunks in input rows (one per image and target)."""
+        outputs, weights = self.plain_outputs(images, targets)
+        grads = mean_input_gradients(self.model, images, weights, 1, unperturbed(images), chunk_elements)
+        return Explanation.from_pixels(self.model, images, (images[:, None] * grads).mean(2), outputs, self.name)
 
 
-@register_method("random")
-def random_map(model: VisionTransformer, images: Tensor, targets: Sequence[Target], *, seed: int = 0) -> Explanation:
+class RandomMap(Attribution):
     """Seeded standard-normal token scores: the floor for every metric."""
-    outputs, weights = _outputs_and_weights(model, images, targets)
-    grid = vit.grid_size(model, tuple(images.shape[-2:]))
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    shape = (images.shape[0], len(weights), grid[0] * grid[1])
-    scores = torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
-    return _token_explanation(model, images, scores, outputs, "random")
+
+    name = "random"
+
+    @attribute_method
+    def attribute(self, images: Tensor, targets: Sequence[Target], *, seed: int = 0) -> Explanation:
+        """One independent Gaussian map per image and target, from a generator seeded with ``seed``."""
+        model = self.model
+        outputs, weights = self.plain_outputs(images, targets)
+        grid = vit.grid_size(model, tuple(images.shape[-2:]))
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        shape = (images.shape[0], len(weights), grid[0] * grid[1])
+        scores = torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
+        return Explanation.from_tokens(model, images, scores, outputs, self.name)

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from ctcdam.explain.cdam import explain
+from ctcdam.explain.api import explain
 from ctcdam.explain.reference import reference_explain
-from ctcdam.targets import TARGETS
+
+#: Outputs of the benchmark model by default: as many as the LIDC targets (malignancy and eight biomarkers).
+DEFAULT_OUTPUTS = 9
 
 #: Entries that take tens of forwards; they are timed without a warm-up run.
 SLOW_ENTRIES = ("oracle_cdam", "oracle_smooth50", "captum_ig50", "captum_smoothgrad50")
@@ -100,11 +102,12 @@ def _setup(
     include_slow: bool,
     seed: int,
     model_kwargs: dict[str, object] | None,
+    n_outputs: int = DEFAULT_OUTPUTS,
 ) -> tuple[torch.device, Callable[[], None], dict[str, Callable[[], object]]]:
-    """The device, a plain forward and the timed entries on a random-weight ViT with 9 outputs."""
+    """The device, a plain forward and the timed entries on a random-weight ViT with ``n_outputs`` outputs."""
     torch.manual_seed(seed)
     run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    options = {"pretrained": False, "num_classes": len(TARGETS), "img_size": img} | dict(model_kwargs or {})
+    options = {"pretrained": False, "num_classes": n_outputs, "img_size": img} | dict(model_kwargs or {})
     model = timm.create_model(model_name, **options).to(run_device).eval()
     images = torch.randn(batch, 3, img, img, device=run_device)
 
@@ -116,7 +119,7 @@ def _setup(
         "cdam": lambda: explain(model, images, [0], "cdam"),
         "smooth50": lambda: explain(model, images, [0], "smooth", samples=50),
         "integrated50": lambda: explain(model, images, [0], "integrated", steps=50),
-        "cdam_9_targets": lambda: explain(model, images, list(range(len(TARGETS))), "cdam"),
+        f"cdam_{n_outputs}_targets": lambda: explain(model, images, list(range(n_outputs)), "cdam"),
     }
     if include_slow:
         entries["oracle_cdam"] = lambda: reference_explain(model, images, [0], "cdam")
@@ -136,15 +139,17 @@ def benchmark_cdam(
     seed: int = 0,
     model_kwargs: dict[str, object] | None = None,
     clock: str = "wall",
+    n_outputs: int = DEFAULT_OUTPUTS,
 ) -> CdamBenchmark:
-    """Time CDAM variants, the reference and Captum on a random-weight timm ViT with 9 outputs (no download).
+    """Time CDAM variants, the reference and Captum on a random-weight timm ViT (no download).
 
     ``model_kwargs`` go to ``timm.create_model`` (e.g. ``depth=2`` for a quick check); ``clock`` is "wall"
-    or "cpu" (process CPU time: use it with one CPU thread).
+    or "cpu" (process CPU time: use it with one CPU thread); the model has ``n_outputs`` outputs and the
+    ``cdam_<n_outputs>_targets`` entry explains all of them in one call.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
-    run_device, forward, entries = _setup(model_name, img, batch, device, include_slow, seed, model_kwargs)
+    run_device, forward, entries = _setup(model_name, img, batch, device, include_slow, seed, model_kwargs, n_outputs)
     if clock == "cpu" and run_device.type != "cpu":
         raise ValueError("the cpu clock measures CPU work only; time a GPU with the wall clock")
     read_clock = CLOCKS[clock]
@@ -183,9 +188,10 @@ def profile_entry(
     device: str | None = None,
     rows: int = 25,
     model_kwargs: dict[str, object] | None = None,
+    n_outputs: int = DEFAULT_OUTPUTS,
 ) -> str:
     """torch.profiler table (operators by self time) of one benchmark entry, or of "forward", after a warm-up."""
-    run_device, forward, entries = _setup(model_name, img, batch, device, True, 0, model_kwargs)
+    run_device, forward, entries = _setup(model_name, img, batch, device, True, 0, model_kwargs, n_outputs)
     entries["forward"] = forward
     if entry not in entries:
         raise ValueError(f"unknown benchmark entry {entry!r}; known: {', '.join(entries)}")

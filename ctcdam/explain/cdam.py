@@ -1,6 +1,6 @@
 """CDAM (vanilla, smooth, integrated, concept) for timm ViTs: batched, multi-target, one call shape.
 
-Definition (Brocki et al., arXiv 2312.02364; reference code semantics in DESIGN.md §6): the tokens T are the
+Definition (Brocki et al., arXiv 2312.02364; the reference code's semantics: docs/design.md): the tokens T are the
 output of ``blocks[-1].norm1``; for a target f (a raw model output, or the dot product of the embedding the
 head reads with a concept vector) the score of patch token i is S_i = sum_j T_ij df/dT_ij, signed and
 unnormalised. Smooth CDAM averages S over Gaussian noise added to the last block's input x; Integrated CDAM
@@ -25,170 +25,29 @@ Two engines compute S for a batch of (possibly perturbed) last-block inputs and 
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ctcdam.explain import vit
-from ctcdam.targets import target_index
+from ctcdam.explain.api import Attribution, Explanation, Target, TargetWeights, attribute_method
+from ctcdam.explain.perturb import (
+    DEFAULT_CHUNK_ELEMENTS,
+    MakeRows,
+    average_over_samples,
+    gaussian_noise,
+    rows_per_chunk,
+    scaled_path,
+    unperturbed,
+)
 
 _log = logging.getLogger(__name__)
 
-#: A target: an output index, a target name from ``ctcdam.targets.TARGETS``, or a concept vector (1-D, size D).
-Target = int | str | Tensor
-
-#: Rows x tokens x channels per pass (24 MB in float32): few, large operators, yet below glibc's 32 MB mmap
-#: threshold, so blocks reuse heap memory instead of page-faulting fresh mappings every time.
-DEFAULT_CHUNK_ELEMENTS = 6 * 2**20
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Token-grid maps for each image and target, with the model outputs they explain."""
-
-    maps: Tensor  #: (B, n_targets, grid_h, grid_w), signed, unnormalised
-    outputs: Tensor  #: (B, n_outputs), raw model outputs of the unperturbed images
-    method: str
-    patch_size: tuple[int, int]
-    image_size: tuple[int, int]
-    pixel_maps: Tensor | None = None  #: (B, n_targets, H, W) for pixel-space methods, else None
-
-    def upsample(self, mode: str = "nearest") -> Tensor:
-        """Maps at pixel resolution (B, n_targets, H, W): each token covers its patch (nearest, as the reference)."""
-        if mode not in ("nearest", "bilinear"):
-            raise ValueError(f"upsample mode must be 'nearest' or 'bilinear', got {mode!r}")
-        grid_h, grid_w = self.maps.shape[-2:]
-        size = (grid_h * self.patch_size[0], grid_w * self.patch_size[1])
-        options = {"align_corners": False} if mode == "bilinear" else {}
-        pixels = F.interpolate(self.maps, size=size, mode=mode, **options)
-        # Pixels beyond the last full patch belong to no token (timm drops them): they get 0.
-        height, width = self.image_size
-        pixels = pixels[..., :height, :width]
-        return F.pad(pixels, (0, width - pixels.shape[-1], 0, height - pixels.shape[-2]))
-
-
-@dataclass(frozen=True)
-class TargetWeights:
-    """Targets as linear functionals: value = outputs . output_weights[t] + embedding . embedding_weights[t]."""
-
-    output_weights: Tensor  #: (n_targets, n_outputs)
-    embedding_weights: Tensor  #: (n_targets, D)
-
-    def __len__(self) -> int:
-        return self.output_weights.shape[0]
-
-    def values(self, outputs: Tensor, embedding: Tensor) -> Tensor:
-        """Values (..., n_targets), target t read from copy t: outputs (..., T, n_outputs), embeddings (..., T, D)."""
-        return (outputs * self.output_weights).sum(-1) + (embedding * self.embedding_weights).sum(-1)
-
-    def all_values(self, outputs: Tensor, embedding: Tensor) -> Tensor:
-        """Every target's value for every row: (B, n_targets) from outputs (B, n_outputs) and embeddings (B, D)."""
-        return outputs @ self.output_weights.T + embedding @ self.embedding_weights.T
-
-
-def _as_index(target: object) -> int | None:
-    """An integer (Python, NumPy) as an index; None for anything else, booleans included."""
-    if isinstance(target, bool):
-        return None
-    try:
-        return operator.index(target)
-    except TypeError:
-        return None
-
-
-def target_weights(targets: Sequence[Target], outputs: Tensor, embedding: Tensor) -> TargetWeights:
-    """Resolve targets against a model's outputs (B, n_outputs) and head embedding (B, D) into linear functionals."""
-    if len(targets) == 0:
-        raise ValueError("targets is empty: give at least one output index, target name or concept vector")
-    n_outputs, dim = outputs.shape[-1], embedding.shape[-1]
-    output_weights = outputs.new_zeros((len(targets), n_outputs))
-    embedding_weights = embedding.new_zeros((len(targets), dim))
-    for t, target in enumerate(targets):
-        if isinstance(target, Tensor):
-            if target.shape != (dim,):
-                raise ValueError(
-                    f"target {t} is a tensor of shape {tuple(target.shape)}; a concept vector must have shape ({dim},)"
-                )
-            embedding_weights[t] = target.to(embedding_weights)
-            continue
-        index = target_index(target) if isinstance(target, str) else _as_index(target)
-        if index is None or not 0 <= index < n_outputs:
-            raise ValueError(f"target {t} ({target!r}) is not an output index in [0, {n_outputs})")
-        output_weights[t, index] = 1.0
-    return TargetWeights(output_weights, embedding_weights)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Method registry (timm style): name -> function(model, images, targets, **options) -> Explanation
-
-ExplainFn = Callable[..., Explanation]
-_METHODS: dict[str, ExplainFn] = {}
-
-
-def register_method(name: str) -> Callable[[ExplainFn], ExplainFn]:
-    """Decorator adding an explanation method to the registry under ``name``."""
-
-    def add(fn: ExplainFn) -> ExplainFn:
-        if name in _METHODS:
-            raise ValueError(f"explanation method {name!r} is registered twice")
-        _METHODS[name] = fn
-        return fn
-
-    return add
-
-
-def list_methods() -> list[str]:
-    """Names of the registered explanation methods."""
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> ExplainFn:
-    """The function registered under ``name``."""
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown explanation method {name!r}; known: {', '.join(list_methods())}") from None
-
-
-def explain(
-    model: nn.Module, images: Tensor, targets: Sequence[Target], method: str = "cdam", **options: object
-) -> Explanation:
-    """Explain ``targets`` of a timm ViT on ``images`` (B, C, H, W) with ``method``; see ``list_methods()``.
-
-    ``targets`` lists output indices, target names (``ctcdam.targets.TARGETS``) or concept vectors (D,).
-    Methods and options: ``cdam``; ``smooth`` (samples=50, noise=0.05, seed=0); ``integrated`` (steps=50);
-    the CDAM methods also take engine="auto"|"cls"|"general" and chunk_elements. Baselines: ``attention``,
-    ``rollout``, ``token_ablation`` (batch_size), ``ig`` (steps=50), ``smoothgrad`` (samples=50, noise=0.15,
-    seed), ``inputxgrad``, ``random`` (seed). The model runs in eval mode during the call; its train/eval
-    flags, hooks and parameter gradients are as before afterwards.
-    """
-    fn = get_method(method)
-    vit.check_vit(model)
-    if isinstance(targets, (int, str)) or (isinstance(targets, Tensor) and targets.ndim < 2):
-        raise TypeError("targets must be a list (of output indices, target names or concept vectors)")
-    if images.ndim != 4:
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
-    reference = model.patch_embed.proj.weight
-    images = images.to(device=reference.device, dtype=reference.dtype)
-    with vit.eval_mode(model):
-        return fn(model, images, list(targets), **options)
-
-
-def concept_vector(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
-    """Mean head embedding (final-norm CLS embedding) of example images: a concept target, shape (D,)."""
-    vit.check_vit(model)
-    reference = model.patch_embed.proj.weight
-    images = images.to(device=reference.device, dtype=reference.dtype)
-    with vit.eval_mode(model), torch.no_grad():
-        embeddings = [vit.cls_embedding(model, chunk) for chunk in images.split(batch_size)]
-    return torch.cat(embeddings).mean(0)
+#: The engines ``engine=`` chooses from; "auto" takes the CLS path when the model allows it.
+ENGINES: tuple[str, ...] = ("auto", "cls", "general")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,162 +174,108 @@ def _general_scores(model: VisionTransformer, x: Tensor, weights: TargetWeights)
 # CDAM family: one driver, three perturbation schedules of the last block's input
 
 
-#: Perturbed last-block inputs of a block of samples x images: (samples, images) -> (samples * images, n, D),
-#: sample-major (every image of the first sample, then the next sample).
-PerturbFn = Callable[[range, slice], Tensor]
-#: Builds the PerturbFn of a batch from its unperturbed last-block input x (B, prefix + N, D).
-Schedule = Callable[[Tensor], PerturbFn]
-
-
-def _cdam_maps(
-    model: VisionTransformer,
+def cdam_maps(
+    method: Attribution,
     images: Tensor,
     targets: Sequence[Target],
-    method: str,
     n_samples: int,
-    schedule: Schedule | None,
+    perturbation: Callable[[Tensor], MakeRows],
     engine: str,
     chunk_elements: int,
 ) -> Explanation:
     """Run ``blocks[:-1]`` once, then average the scores of ``n_samples`` perturbed copies of each image's x.
 
-    Perturbed rows are built and scored in blocks of whole samples x all images (or, for a batch larger than a
-    chunk, one sample x a slice of images): few large operators, each sample's noise drawn once for all images.
-    ``schedule(x)`` gives the function that builds a block; None means the unperturbed x (one sample).
+    ``perturbation(x)`` builds the rows of a block of samples x images from the unperturbed last-block input x
+    (``ctcdam.explain.perturb``); ``chunk_elements`` bounds the rows x tokens x width scored per pass.
     """
-    if schedule is None and n_samples != 1:
-        raise ValueError("unperturbed CDAM has exactly one sample per image")
-    if engine not in ("auto", "cls", "general"):
+    model = method.model
+    if engine not in ENGINES:
         raise ValueError(f"engine must be 'auto', 'cls' or 'general', got {engine!r}")
     reason = cls_path_unsupported(model)
     if engine == "cls" and reason is not None:
         raise ValueError(f"the CLS-row engine cannot explain this model: {reason}")
     use_cls_path = engine == "cls" or (engine == "auto" and reason is None)
     if not use_cls_path:
-        _log.debug("%s: full last block (general engine): %s", method, reason or "asked for")
+        _log.debug("%s: full last block (general engine): %s", method.name, reason or "asked for")
     with torch.no_grad():
         x = vit.last_block_input(model, images)
         if use_cls_path:
             outputs, embedding = _cls_path_outputs(model, x)
         else:
             outputs, embedding = vit.outputs_from_last_block_input(model, x)
-    weights = target_weights(targets, outputs, embedding)
+    weights = method.target_weights(targets, outputs, embedding)
     score_fn = _cls_path_scores if use_cls_path else _general_scores
     batch, n_tokens, dim = x.shape
     copies = 1 if use_cls_path else len(weights)  # the general path repeats each row once per target
-    chunk_rows = max(1, chunk_elements // (n_tokens * dim * copies))
-    images_per_block = min(batch, chunk_rows)
-    samples_per_block = max(1, chunk_rows // batch)
-    perturb = schedule(x) if schedule is not None else None
-    totals = x.new_zeros((batch, len(weights), n_tokens - vit.num_prefix_tokens(model)))
-    for first_sample in range(0, n_samples, samples_per_block):
-        samples = range(first_sample, min(first_sample + samples_per_block, n_samples))
-        for first_image in range(0, batch, images_per_block):
-            block = slice(first_image, min(first_image + images_per_block, batch))
-            with torch.no_grad():
-                rows = x[block] if perturb is None else perturb(samples, block)
-            scores = score_fn(model, rows, weights)
-            totals[block] += scores.view(len(samples), -1, *scores.shape[1:]).sum(0)
-    grid = vit.grid_size(model, tuple(images.shape[-2:]))
-    return Explanation(
-        maps=(totals / n_samples).view(batch, len(weights), *grid),
-        outputs=outputs.detach(),
-        method=method,
-        patch_size=vit.patch_size(model),
-        image_size=tuple(images.shape[-2:]),
+    scores = average_over_samples(
+        lambda rows: score_fn(model, rows, weights),
+        perturbation(x),
+        n_samples=n_samples,
+        n_images=batch,
+        chunk_rows=rows_per_chunk(chunk_elements, n_tokens * dim * copies),
     )
+    return Explanation.from_tokens(model, images, scores, outputs.detach(), method.name)
 
 
-class NoisePerSample:
-    """Standard normal draws of one image's shape, one per sample index, shared by every image of a batch.
-
-    Draw k is the k-th draw of a generator seeded with ``seed`` (None: the global RNG), so an image's noise,
-    and hence its map, does not depend on the other images in the batch or on how rows are chunked; the
-    reference draws the same sequence for each image. Samples must be asked for in order (the last block of
-    draws may be asked for again).
-    """
-
-    def __init__(self, like: Tensor, seed: int | None) -> None:
-        self._like = like
-        self._generator = None if seed is None else torch.Generator(device=like.device).manual_seed(seed)
-        self._last: tuple[range, Tensor] | None = None
-
-    def __call__(self, samples: range) -> Tensor:
-        """The draws of ``samples`` (consecutive indices), (len(samples), *like.shape[1:])."""
-        if self._last is not None and self._last[0] == samples:
-            return self._last[1]
-        expected = self._last[0].stop if self._last is not None else 0
-        if samples.start != expected or samples.step != 1:
-            raise RuntimeError(f"noise draws {samples} asked for, but the next draw is {expected}; draws go in order")
-        draws = self._like.new_empty((len(samples), *self._like.shape[1:]))
-        for draw in draws:  # one generator call per draw, as the reference draws them
-            draw.normal_(generator=self._generator)
-        self._last = (samples, draws)
-        return draws
-
-
-@register_method("cdam")
-def cdam(
-    model: VisionTransformer,
-    images: Tensor,
-    targets: Sequence[Target],
-    *,
-    engine: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> Explanation:
+class Cdam(Attribution):
     """Vanilla CDAM: S_i = T_i . df/dT_i at the last block's norm1 output."""
-    return _cdam_maps(model, images, targets, "cdam", 1, None, engine, chunk_elements)
+
+    name = "cdam"
+
+    @attribute_method
+    def attribute(
+        self,
+        images: Tensor,
+        targets: Sequence[Target],
+        *,
+        engine: str = "auto",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> Explanation:
+        """Maps of ``targets`` on ``images``; ``engine`` "auto" | "cls" | "general"; chunks in last-block rows."""
+        return cdam_maps(self, images, targets, 1, unperturbed, engine, chunk_elements)
 
 
-@register_method("smooth")
-def smooth_cdam(
-    model: VisionTransformer,
-    images: Tensor,
-    targets: Sequence[Target],
-    *,
-    samples: int = 50,
-    noise: float = 0.05,
-    seed: int | None = 0,
-    engine: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> Explanation:
+class SmoothCdam(Attribution):
     """Smooth CDAM: mean CDAM over x + N(0, sigma^2), sigma = noise * (max x - min x) per image, ``samples`` draws."""
-    if samples < 1:
-        raise ValueError(f"smooth CDAM needs samples >= 1, got {samples}")
 
-    def schedule(x: Tensor) -> PerturbFn:
-        sigma = noise * (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)))
-        draws = NoisePerSample(x, seed)
+    name = "smooth"
 
-        def add_noise(samples: range, block: slice) -> Tensor:
-            # x + sigma * draw for every (sample, image) pair of the block, in one fused operator.
-            noisy = torch.addcmul(x[block], sigma[block, None, None], draws(samples)[:, None])
-            return noisy.flatten(0, 1)
+    @attribute_method
+    def attribute(
+        self,
+        images: Tensor,
+        targets: Sequence[Target],
+        *,
+        samples: int = 50,
+        noise: float = 0.05,
+        seed: int | None = 0,
+        engine: str = "auto",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> Explanation:
+        """Maps averaged over ``samples`` seeded noise draws (``seed`` None: the global RNG)."""
+        if samples < 1:
+            raise ValueError(f"smooth CDAM needs samples >= 1, got {samples}")
+        return cdam_maps(
+            self, images, targets, samples, lambda x: gaussian_noise(x, noise, seed), engine, chunk_elements
+        )
 
-        return add_noise
 
-    return _cdam_maps(model, images, targets, "smooth", samples, schedule, engine, chunk_elements)
-
-
-@register_method("integrated")
-def integrated_cdam(
-    model: VisionTransformer,
-    images: Tensor,
-    targets: Sequence[Target],
-    *,
-    steps: int = 50,
-    engine: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> Explanation:
+class IntegratedCdam(Attribution):
     """Integrated CDAM: mean CDAM over x scaled by alpha = k/steps, k = 1..steps-1 (zero baseline, as the reference)."""
-    if steps < 2:
-        raise ValueError(f"integrated CDAM needs steps >= 2 (it averages k = 1..steps-1), got {steps}")
 
-    def schedule(x: Tensor) -> PerturbFn:
-        def scale(samples: range, block: slice) -> Tensor:
-            alphas = torch.arange(samples.start + 1, samples.stop + 1, device=x.device, dtype=x.dtype) / steps
-            return (alphas[:, None, None, None] * x[block]).flatten(0, 1)
+    name = "integrated"
 
-        return scale
-
-    return _cdam_maps(model, images, targets, "integrated", steps - 1, schedule, engine, chunk_elements)
+    @attribute_method
+    def attribute(
+        self,
+        images: Tensor,
+        targets: Sequence[Target],
+        *,
+        steps: int = 50,
+        engine: str = "auto",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> Explanation:
+        """Maps averaged over the ``steps - 1`` inner points of the path from a zero last-block input."""
+        if steps < 2:
+            raise ValueError(f"integrated CDAM needs steps >= 2 (it averages k = 1..steps-1), got {steps}")
+        return cdam_maps(self, images, targets, steps - 1, lambda x: scaled_path(x, steps), engine, chunk_elements)

@@ -22,14 +22,23 @@ targets: maps are ``Explanation.maps``, shape (B, T, grid_h, grid_w), signed, on
   max|S| is the signed-map form); gini = Gini index of |S| (Quantus ``Sparseness``). Higher is more compact.
 * Class sensitivity. Pearson correlation between the maps of two targets on the same image, over tokens;
   lower means more target-specific (a target-independent method scores 1).
-* Localisation. The consensus mask, dilated by 1 mm, goes through the image's resize to the model input; the
-  share of each token's pixels inside it is its overlap. A token is inside when its overlap is >= 0.5, and the
-  token(s) of largest overlap are always inside (so a nodule smaller than a token still has one).
+* Localisation. The caller's mask at model-input resolution (the evaluation dilates the consensus mask by 1 mm
+  and puts it through the image's resize); the share of each token's pixels inside it is its overlap. A token
+  is inside when its overlap is >= 0.5, and the token(s) of largest overlap are always inside (so a nodule
+  smaller than a token still has one).
   localisation = positive relevance inside / all positive relevance; pointing_hit = 1 when the top-ranked token
   is inside.
 * Sanity. Cascading re-initialisation: the head, then the head and the last block, then also the block before,
   and so on; Spearman rank correlation between each map and the map of the re-initialised model. A map that
   depends on the model changes, so |rho| should fall.
+* Ground truth (a benchmark whose causes are painted in, with a pixel mask per cause; token membership by the
+  localisation rule above, ``cause_tokens``). evidence_share = positive relevance on the evidence tokens / all
+  positive relevance; evidence_lift = evidence_share / the evidence tokens' share of all tokens (1 for a
+  uniform map); counter_evidence_share = negative relevance on the counter-evidence tokens / all negative
+  relevance, NaN for an unsigned method (``signed=False``: it cannot express counter-evidence) and for a map
+  without negative relevance; cause_auroc = AUROC of the map value as a detector of cause tokens (Mann-Whitney,
+  ties count one half; ``ground_truth_scores`` uses |S| against evidence and counter-evidence tokens), NaN
+  when an image has no cause token or only cause tokens.
 """
 from __future__ import annotations
 
@@ -40,12 +49,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage, stats
+from scipy import stats
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ctcdam.explain import vit
-from ctcdam.targets import target_index
+from ctcdam.explain.perturb import FORWARD_CHUNK_ELEMENTS, rows_per_chunk
 
 #: Share of tokens removed per step of the deletion and insertion curves.
 DEFAULT_STEP = 0.05
@@ -106,7 +115,7 @@ def area_under_curve(curve: Tensor, shares: Tensor) -> Tensor:
     return torch.trapezoid(curve, shares.to(curve), dim=-1)
 
 
-def output_scale(outputs: Tensor, targets: Sequence[int | str]) -> Tensor:
+def output_scale(outputs: Tensor, targets: Sequence[int]) -> Tensor:
     """Per-target scale s_t (T,): the standard deviation of the unperturbed outputs (M, n_out) over images.
 
     A target the model does not vary (std 0, or a single image) gets scale 1, so its curves stay in output units.
@@ -120,19 +129,20 @@ def perturbation_curves(
     model: VisionTransformer,
     images: Tensor,
     maps: Tensor,
-    targets: Sequence[int | str],
+    targets: Sequence[int],
     baseline: Tensor,
     *,
     step: float = DEFAULT_STEP,
     removal: str = "drop",
-    batch_size: int = 256,
+    chunk_elements: int = FORWARD_CHUNK_ELEMENTS,
     generator: torch.Generator | None = None,
 ) -> PerturbationCurves:
     """Deletion (MIF, LIF) and insertion curves of each image's target outputs under the order of its maps.
 
     ``baseline`` (C, H, W) or (B, C, H, W) is the image removed patches become in insertion (and in deletion when
-    ``removal="baseline"``; the default ``"drop"`` removes tokens from the sequence). One forward per removal
-    count covers every image, target and curve (rows in chunks of ``batch_size``).
+    ``removal="baseline"``; the default ``"drop"`` removes tokens from the sequence). ``targets`` are output
+    indices. One forward per removal count covers every image, target and curve (at most ``chunk_elements``
+    rows x tokens x width per pass).
     """
     vit.check_vit(model)
     if removal not in REMOVALS:
@@ -149,6 +159,7 @@ def perturbation_curves(
     n_tokens = grid[0] * grid[1]
     rank = importance_rank(importance_order(maps.to(images.device), generator))  # (B, T, N)
     counts = removal_counts(n_tokens, step)
+    chunk_rows = rows_per_chunk(chunk_elements, vit.tokens_per_image(model, tuple(images.shape[-2:])) * model.embed_dim)
     image_of_row = torch.arange(batch, device=images.device).repeat_interleave(n_targets)
     outputs_of_targets = torch.tensor([_output_index(t, None) for t in targets], device=images.device).repeat(batch)
 
@@ -159,11 +170,11 @@ def perturbation_curves(
         unique_key, row_of_key = torch.unique(key, dim=0, return_inverse=True)
         rows, flat_keep = unique_key[:, 0], unique_key[:, 1:].bool()
         if replace_with is None:
-            outputs = vit.forward_without_tokens(model, images[rows], flat_keep, batch_size=batch_size)
+            outputs = vit.forward_without_tokens(model, images[rows], flat_keep, chunk_elements=chunk_elements)
         else:
             outputs = torch.cat([
-                model(_paste_patches(images[part], replace_with[part], flat_keep[start : start + batch_size], grid))
-                for start, part in ((s, rows[s : s + batch_size]) for s in range(0, len(rows), batch_size))
+                model(_paste_patches(images[part], replace_with[part], flat_keep[start : start + chunk_rows], grid))
+                for start, part in ((s, rows[s : s + chunk_rows]) for s in range(0, len(rows), chunk_rows))
             ])
         chosen = outputs[row_of_key].gather(1, outputs_of_targets.repeat(curves)[:, None]).squeeze(1)
         return chosen.view(curves, batch, n_targets)
@@ -214,9 +225,11 @@ def _paste_patches(images: Tensor, background: Tensor, keep: Tensor, grid: tuple
     return torch.where(pixels, images, background)
 
 
-def _output_index(target: int | str, n_outputs: int | None) -> int:
-    """Model output index of a target name or index."""
-    index = target_index(target) if isinstance(target, str) else int(target)
+def _output_index(target: int, n_outputs: int | None) -> int:
+    """A target's model output index, checked (metrics take indices; callers resolve their output names)."""
+    if isinstance(target, (str, bool)) or not isinstance(target, (int, np.integer)):
+        raise TypeError(f"metric targets are output indices, got {target!r}; resolve names to indices first")
+    index = int(target)
     if index < 0 or (n_outputs is not None and index >= n_outputs):
         raise ValueError(f"target {target!r} is not an output index in [0, {n_outputs})")
     return index
@@ -261,17 +274,6 @@ def target_correlation(maps: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------------------
 # Localisation
-
-
-def dilate_mask(mask_zyx: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float = 1.0) -> np.ndarray:
-    """A (z, y, x) mask grown by every voxel whose centre lies within ``radius_mm`` of a mask voxel (physical)."""
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    if spacing.shape != (3,) or np.any(spacing <= 0):
-        raise ValueError(f"spacing must be three positive (z, y, x) values in mm, got {spacing_zyx}")
-    reach = np.floor(radius_mm / spacing + 1e-9).astype(int)
-    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1) * spacing
-    ball = np.linalg.norm(offsets, axis=-1) <= radius_mm + 1e-9
-    return ndimage.binary_dilation(np.asarray(mask_zyx) > 0, structure=ball)
 
 
 def token_overlap(mask_pixels: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -385,7 +387,7 @@ def map_scores(
     model: VisionTransformer,
     images: Tensor,
     maps: Tensor,
-    targets: Sequence[int | str],
+    targets: Sequence[int],
     baseline: Tensor,
     inside: Tensor | None = None,
     scale: Tensor | None = None,
@@ -404,3 +406,85 @@ def map_scores(
         scores["localisation"] = positive_share_inside(maps, inside.cpu())
         scores["pointing_hit"] = pointing_hit(maps, inside.cpu())
     return {name: scores[name] for name in SCORE_COLUMNS}, curves
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ground truth: maps against the cause masks of a benchmark whose causes are known (painted in)
+
+#: Columns of :func:`ground_truth_scores`, in the order of the metrics table.
+GROUND_TRUTH_COLUMNS: tuple[str, ...] = ("evidence_share", "evidence_lift", "counter_evidence_share", "cause_auroc")
+
+
+def cause_tokens(mask_pixels: Tensor, grid: tuple[int, int], threshold: float = INSIDE_OVERLAP) -> Tensor:
+    """Tokens (B, gh, gw) of a cause mask at model-input resolution (B, H, W), by the localisation rule."""
+    return tokens_inside(token_overlap(mask_pixels, grid), threshold)
+
+
+def area_share(inside: Tensor) -> Tensor:
+    """Share of the patch tokens (B,) that are inside (B, gh, gw)."""
+    return inside.flatten(-2).to(torch.float64).mean(-1)
+
+
+def evidence_share(maps: Tensor, inside: Tensor) -> Tensor:
+    """Share of positive relevance (B, T) on the evidence tokens (B, gh, gw); NaN without positive relevance or evidence."""
+    return positive_share_inside(maps, inside)
+
+
+def evidence_lift(maps: Tensor, inside: Tensor) -> Tensor:
+    """evidence_share / the evidence tokens' area share (B, T): 1 for a uniform map; NaN without evidence tokens."""
+    area = area_share(inside).to(maps.device)[:, None]
+    share = evidence_share(maps, inside).double()
+    return torch.where(area > 0, share / area, torch.full_like(share, float("nan"))).to(maps.dtype)
+
+
+def counter_evidence_share(maps: Tensor, inside: Tensor, *, signed: bool = True) -> Tensor:
+    """Share of negative relevance (B, T) on the counter-evidence tokens (B, gh, gw).
+
+    NaN where a map has no negative relevance or the image no counter-evidence token, and everywhere when
+    ``signed`` is False: pass ``signed=method_info(method).signed``, since an unsigned method cannot express
+    counter-evidence at all (its NaN means "not expressible", not "none found").
+    """
+    if not signed:
+        return torch.full(maps.shape[:2], float("nan"), dtype=maps.dtype, device=maps.device)
+    return positive_share_inside(-maps, inside)
+
+
+def cause_auroc(maps: Tensor, inside: Tensor) -> Tensor:
+    """AUROC (B, T) of the map value as a detector of the cause tokens inside (B, gh, gw); ties count one half.
+
+    It is the Mann-Whitney statistic over tokens, from average ranks: the probability that a cause token
+    scores higher than a non-cause token. NaN where an image has no cause token or only cause tokens (or a
+    map holds NaN). The map is taken as given: pass ``maps.abs()`` to detect evidence and counter-evidence
+    together with a signed map, ``-maps`` to detect counter-evidence alone.
+    """
+    scores = maps.flatten(-2).detach().double().cpu().numpy()
+    labels = inside.flatten(-2).detach().cpu().numpy().astype(bool)
+    ranks = stats.rankdata(scores, axis=-1)  # average ranks: ties share them, which scores a tie one half
+    n_cause = labels.sum(-1).astype(np.float64)[:, None]  # (B, 1)
+    n_other = labels.shape[-1] - n_cause
+    rank_sum = (ranks * labels[:, None]).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auroc = (rank_sum - n_cause * (n_cause + 1) / 2) / (n_cause * n_other)
+    auroc = np.where((n_cause > 0) & (n_other > 0), auroc, np.nan)
+    return torch.from_numpy(auroc).to(device=maps.device, dtype=maps.dtype)
+
+
+def ground_truth_scores(
+    maps: Tensor, evidence: Tensor, counter_evidence: Tensor | None = None, *, signed: bool = True
+) -> dict[str, Tensor]:
+    """Every column of :data:`GROUND_TRUTH_COLUMNS` (B, T) from evidence and counter-evidence tokens (B, gh, gw).
+
+    cause_auroc detects the tokens of either cause by |S| (for an unsigned, non-negative map |S| = S);
+    without ``counter_evidence`` the counter-evidence share is NaN and the causes are the evidence alone.
+    """
+    causes = evidence if counter_evidence is None else evidence | counter_evidence.to(evidence.device)
+    if counter_evidence is None:
+        counter = torch.full(maps.shape[:2], float("nan"), dtype=maps.dtype, device=maps.device)
+    else:
+        counter = counter_evidence_share(maps, counter_evidence, signed=signed)
+    return {
+        "evidence_share": evidence_share(maps, evidence),
+        "evidence_lift": evidence_lift(maps, evidence),
+        "counter_evidence_share": counter,
+        "cause_auroc": cause_auroc(maps.abs(), causes),
+    }

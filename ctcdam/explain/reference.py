@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ctcdam.explain import vit
-from ctcdam.explain.cdam import Explanation, Target
-from ctcdam.targets import target_index
+from ctcdam.explain.api import Explanation
+
+#: A target of the oracle: an output index or a concept vector (D,).
+Target = int | Tensor
 
 
 def _target_value(model: nn.Module, features: Tensor, target: Target) -> Tensor:
@@ -25,8 +27,7 @@ def _target_value(model: nn.Module, features: Tensor, target: Target) -> Tensor:
     if isinstance(target, Tensor):
         embedding = model.forward_head(features, pre_logits=True)[0]
         return torch.dot(embedding, target.to(embedding))
-    index = target_index(target) if isinstance(target, str) else target
-    return model.forward_head(features)[0, index]
+    return model.forward_head(features)[0, target]
 
 
 class _TokenRecorder:
@@ -141,22 +142,16 @@ def reference_explain(
     with vit.eval_mode(model):
         with torch.no_grad():
             outputs = model(images)
-        maps = images.new_zeros((images.shape[0], len(targets), *grid))
+        scores = images.new_zeros((images.shape[0], len(targets), grid[0] * grid[1]))
         for t, target in enumerate(targets):
             for b in range(images.shape[0]):
                 image = images[b : b + 1]
                 generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
                 if method == "cdam":
-                    scores = reference_cdam(model, image, target)
+                    token_scores = reference_cdam(model, image, target)
                 elif method == "smooth":
-                    scores = reference_smooth(model, image, target, samples, noise, generator)
+                    token_scores = reference_smooth(model, image, target, samples, noise, generator)
                 else:
-                    scores = reference_integrated(model, image, target, steps)
-                maps[b, t] = scores.view(grid)
-    return Explanation(
-        maps=maps,
-        outputs=outputs,
-        method=f"reference_{method}",
-        patch_size=vit.patch_size(model),
-        image_size=tuple(images.shape[-2:]),
-    )
+                    token_scores = reference_integrated(model, image, target, steps)
+                scores[b, t] = token_scores
+    return Explanation.from_tokens(model, images, scores, outputs, f"reference_{method}")

@@ -10,9 +10,11 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
+# vision_transformer names the Attention its blocks use; timm 1.0.9's timm.layers does not export it.
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
+
+from ctcdam.explain.perturb import rows_per_chunk
 
 
 def check_vit(model: nn.Module) -> VisionTransformer:
@@ -53,8 +55,18 @@ def grid_size(model: VisionTransformer, image_size: tuple[int, int]) -> tuple[in
     return int(embed.grid_size[0]), int(embed.grid_size[1])
 
 
-def embed(model: VisionTransformer, images: Tensor) -> Tensor:
-    """Tokens after patch embedding and position embedding, prefix tokens first: (B, prefix + N, D)."""
+def tokens_per_image(model: VisionTransformer, image_size: tuple[int, int]) -> int:
+    """Tokens of the sequence the blocks see for one image (prefix tokens plus the patch grid)."""
+    rows, cols = grid_size(model, image_size)
+    return num_prefix_tokens(model) + rows * cols
+
+
+def embed_tokens(model: VisionTransformer, images: Tensor) -> Tensor:
+    """Tokens after patch embedding and position embedding, prefix tokens first: (B, prefix + N, D).
+
+    timm has no public call for this sequence (``forward_intermediates`` starts from it but returns block
+    outputs only), and token removal must cut it before the first block, so it goes through ``_pos_embed``.
+    """
     tokens = model._pos_embed(model.patch_embed(images))
     return model.patch_drop(tokens)
 
@@ -69,7 +81,19 @@ def run_blocks(model: VisionTransformer, tokens: Tensor, stop: int | None = None
 
 def last_block_input(model: VisionTransformer, images: Tensor) -> Tensor:
     """Input x of the last block (the output of ``blocks[:-1]``), (B, prefix + N, D); grad mode is the caller's."""
-    return run_blocks(model, embed(model, images), stop=-1)
+    depth = len(model.blocks)
+    if depth == 1:  # no block before the last: its input is the embedded sequence
+        return model.norm_pre(embed_tokens(model, images))
+    # timm 1.0.9 fails on return_prefix_tokens=True for a model without prefix tokens: ask only when there are some.
+    has_prefix = num_prefix_tokens(model) > 0
+    (taken,) = model.forward_intermediates(
+        images, indices=[depth - 2], return_prefix_tokens=has_prefix, stop_early=True, output_fmt="NLC",
+        intermediates_only=True,
+    )
+    if not has_prefix:
+        return taken
+    patches, prefix = taken
+    return torch.cat([prefix, patches], dim=1)
 
 
 def head_outputs(model: VisionTransformer, features: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,19 +120,19 @@ def forward_without_tokens(
     images: Tensor,
     keep: Tensor,
     *,
-    batch_size: int | None = None,
+    chunk_elements: int | None = None,
     with_embedding: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Model outputs with the patch tokens where ``keep`` (B, N_patches) is False removed from the sequence.
 
     Tokens are dropped after the position embedding (the sequence gets shorter; nothing is replaced by a
     baseline), as the reference token ablation does. CLS and register tokens are always kept. Rows that keep
-    the same number of tokens run as one batch (at most ``batch_size`` rows at a time). Returns outputs
-    (B, n_outputs), or (outputs, embedding) with ``with_embedding``. Grad mode and train/eval mode are the
-    caller's (use it under ``torch.no_grad()`` and ``model.eval()`` for metrics).
+    the same number of tokens run as one batch, at most ``chunk_elements`` rows x tokens x width at a time
+    (None: all of them). Returns outputs (B, n_outputs), or (outputs, embedding) with ``with_embedding``.
+    Grad mode and train/eval mode are the caller's (use it under ``torch.no_grad()`` and ``model.eval()``).
     """
     check_vit(model)
-    tokens = embed(model, images)
+    tokens = embed_tokens(model, images)
     prefix = num_prefix_tokens(model)
     n_patches = tokens.shape[1] - prefix
     keep = keep.to(device=tokens.device, dtype=torch.bool)
@@ -121,7 +145,8 @@ def forward_without_tokens(
     embeddings: Tensor | None = None
     for count in counts.unique().tolist():
         rows = (counts == count).nonzero().squeeze(1)
-        step = batch_size or len(rows)
+        width = (prefix + count) * tokens.shape[-1]
+        step = len(rows) if chunk_elements is None else rows_per_chunk(chunk_elements, width)
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
             # nonzero() lists kept positions in ascending order, so the kept tokens keep their order.
@@ -138,6 +163,19 @@ def forward_without_tokens(
             embeddings[chunk] = emb
     assert outputs is not None and embeddings is not None
     return (outputs, embeddings) if with_embedding else outputs
+
+
+def patch_sums(pixel_maps: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
+    """Sum a pixel map (..., H, W) over each patch of the token grid: (..., grid_h, grid_w).
+
+    Pixels beyond the last full patch (timm ignores them) are dropped; a grid that reaches past the image
+    (dynamic padding) sees zeros there, as the padded input does.
+    """
+    height, width = grid[0] * patch[0], grid[1] * patch[1]
+    cropped = pixel_maps[..., :height, :width]
+    padded = torch.nn.functional.pad(cropped, (0, width - cropped.shape[-1], 0, height - cropped.shape[-2]))
+    blocks = padded.reshape(*padded.shape[:-2], grid[0], patch[0], grid[1], patch[1])
+    return blocks.sum(dim=(-3, -1))
 
 
 def attention_probabilities(attn: nn.Module, tokens: Tensor, queries: int | None = None) -> Tensor:

@@ -1,9 +1,9 @@
-"""ctcdam.export: explained scans -> 3D Slicer review bundles (DESIGN.md §7).
+"""ctcdam.export: explained scans -> 3D Slicer review bundles.
 
-``scan.explain_scan`` loads a scan, crops its nodules as training did, predicts and computes the CDAM maps;
+An explained scan arrives as a ``result.ScanResult`` (made by ``ctcdam.workflows.explain_scan``);
 ``bundle.write_bundle`` writes ``OUT/<scan_id>/`` atomically: CT and maps as NIfTI (``volumes``), the nodule
 segmentation (``segmentation``), centroid fiducials (``markups``), the diverging colour table (``colors``),
 the scene and its ``.mrb`` (``scene``), ``review.py`` (``review_script``), ``report.png`` (``report``) and
-``predictions.json``. ``run.run_explain`` is what ``pipelines/explain.py`` calls. Nothing here is imported
-eagerly, so the CLI can check its arguments before torch is loaded.
+``predictions.json``. Export imports only ``ctcdam.io``, ``ctcdam.targets`` and ``ctcdam.data.views`` from the
+package. Nothing here is imported eagerly, so the CLI can check its arguments before torch is loaded.
 """

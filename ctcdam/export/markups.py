@@ -1,10 +1,11 @@
 """Slicer markups (``.mrk.json``): one fiducial per nodule centroid, in LPS millimetres (research/conventions.md §1.3)."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ctcdam import io
 
 #: Slicer's reader accepts any ``markups-schema-v1.<minor>.<patch>.json`` schema URL.
 MARKUPS_SCHEMA = (
@@ -23,7 +24,36 @@ class Fiducial:
     position_lps: tuple[float, float, float]
 
 
-def fiducials_document(fiducials: Sequence[Fiducial], color: tuple[float, float, float] = (1.0, 1.0, 0.0)) -> dict:
+@dataclass(frozen=True)
+class MarkupsStyle:
+    """How the centroid markers look: written into the file's display block (read by Add Data / ``review.py``)
+    and onto the scene's display node (a scene never reads the file's display block)."""
+
+    color: tuple[float, float, float] = (1.0, 1.0, 0.0)
+    glyph_type: str = "Sphere3D"
+    glyph_scale: float = 2.0
+    text_scale: float = 2.5
+    opacity: float = 1.0
+    point_labels: bool = True
+
+    def json_display(self) -> dict:
+        """The ``display`` block of a ``.mrk.json`` file."""
+        return {"visibility": True, "opacity": self.opacity, "color": list(self.color),
+                "selectedColor": list(self.color), "pointLabelsVisibility": self.point_labels,
+                "textScale": self.text_scale, "glyphType": self.glyph_type, "glyphScale": self.glyph_scale}
+
+    def mrml_attributes(self) -> dict[str, object]:
+        """The same settings as attributes of a ``MarkupsFiducialDisplay`` scene node (Slicer's own names)."""
+        # Every point is written "selected", so the selected colour is what Slicer draws.
+        return {"visibility": True, "opacity": self.opacity, "color": self.color, "selectedColor": self.color,
+                "pointLabelsVisibility": self.point_labels, "textScale": self.text_scale,
+                "glyphType": self.glyph_type, "glyphScale": self.glyph_scale}
+
+
+MARKUPS_STYLE = MarkupsStyle()
+
+
+def fiducials_document(fiducials: Sequence[Fiducial], style: MarkupsStyle = MARKUPS_STYLE) -> dict:
     """The markups JSON document (schema v1.0.3) of a fiducial list."""
     return {
         "@schema": MARKUPS_SCHEMA,
@@ -49,16 +79,7 @@ def fiducials_document(fiducials: Sequence[Fiducial], color: tuple[float, float,
                     }
                     for fiducial in fiducials
                 ],
-                "display": {
-                    "visibility": True,
-                    "opacity": 1.0,
-                    "color": list(color),
-                    "selectedColor": list(color),
-                    "pointLabelsVisibility": True,
-                    "textScale": 3.0,
-                    "glyphType": "Sphere3D",
-                    "glyphScale": 2.0,
-                },
+                "display": style.json_display(),
             }
         ],
     }
@@ -66,6 +87,4 @@ def fiducials_document(fiducials: Sequence[Fiducial], color: tuple[float, float,
 
 def write_fiducials(fiducials: Sequence[Fiducial], path: Path) -> Path:
     """Write fiducials as a Slicer ``.mrk.json`` file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fiducials_document(fiducials), indent=2) + "\n")
-    return path
+    return io.write_json(path, fiducials_document(fiducials))

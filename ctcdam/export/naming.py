@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from ctcdam.targets import VIEWS
+from ctcdam.data.views import VIEWS
 
 #: Slicer's Add-Data dialog ticks "LabelMap" when a base name matches one of these
 #: (qSlicerVolumesIOOptionsWidget.cxx); a heat map loaded that way is cast to integers and drawn as labels.
@@ -17,7 +17,9 @@ SEGMENTATION_FILE = "nodules.seg.nrrd"
 MARKUPS_FILE = "nodules.mrk.json"
 COLOR_TABLE_FILE = "cdam_diverging.ctbl"
 PREDICTIONS_FILE = "predictions.json"
+PREDICTIONS_TABLE_FILE = "predictions.tsv"
 REPORT_FILE = "report.png"
+VIEWS_FILE = "views.png"
 REVIEW_SCRIPT_FILE = "review.py"
 
 _OPERATOR_WORDS = {">=": "ge", "<=": "le", "==": "eq", "!=": "ne", ">": "gt", "<": "lt", "=": "eq"}
@@ -36,6 +38,11 @@ def looks_like_labelmap(file_name: str) -> bool:
 def nodule_dir(index: int) -> str:
     """Folder of the k-th nodule (1-based) inside a bundle."""
     return f"nodule-{index}"
+
+
+def nodule_report_file(index: int) -> str:
+    """Bundle-relative path of the k-th nodule's report page."""
+    return f"{nodule_dir(index)}/{REPORT_FILE}"
 
 
 def map_file(index: int, map_name: str, view: str | None = None) -> str:

@@ -25,7 +25,7 @@ class NoduleResult:
     index: int
     nodule_id: str
     centroid_lps: tuple[float, float, float]
-    labelled: bool
+    in_training_population: bool  # enough readers for training (the malignancy label may still be empty)
     predictions: Mapping[str, float]
     radiologists: Mapping[str, float | None]
     model_outputs: Mapping[str, float]

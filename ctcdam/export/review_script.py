@@ -2,14 +2,16 @@
 
 Run it with ``Slicer --python-script review.py`` (or paste it into Slicer's Python console). It sets the same
 display state as the scene: CT in a lung window, the foreground heat map with the diverging table at the scene's
-opacity and a symmetric window, the nodule segmentation and the centroid fiducials, slices centred on nodule 1.
+opacity and a symmetric window, the nodule outlines (no fill), the centroid fiducials, the predictions table,
+and the slices centred on the scene's focus nodule at the scene's field of view.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ctcdam.export.scene import LUNG_LEVEL, LUNG_WINDOW, SceneSpec
+from ctcdam import io
+from ctcdam.export.scene import LUNG_LEVEL, LUNG_WINDOW, OUTLINE_THICKNESS, SLICE_VIEWS, SceneSpec
 
 _TEMPLATE = '''"""Load this CDAM review bundle into 3D Slicer: Slicer --python-script review.py [bundle folder]"""
 import json
@@ -48,15 +50,24 @@ def main():
         if heat["file"] == BUNDLE["foreground"]:
             foreground = volume
     if BUNDLE["segmentation"]:
-        slicer.util.loadSegmentation(path(BUNDLE["segmentation"]))
+        segmentation = slicer.util.loadSegmentation(path(BUNDLE["segmentation"]))
+        outlines = segmentation.GetDisplayNode()
+        # Outlines only, as in the scene: a fill would tint the map where it is strongest.
+        outlines.SetVisibility2DFill(False)
+        outlines.SetSliceIntersectionThickness(BUNDLE["outline_thickness"])
     if BUNDLE["markups"]:
         slicer.util.loadMarkups(path(BUNDLE["markups"]))
+    if BUNDLE["table"]:
+        slicer.util.loadTable(path(BUNDLE["table"]))
     slicer.util.setSliceViewerLayers(background=ct, foreground=foreground,
                                      foregroundOpacity=BUNDLE["foreground_opacity"], fit=True)
     if BUNDLE["focus_lps"]:
         x, y, z = BUNDLE["focus_lps"]
         # Slicer works in RAS: LPS -> RAS negates x and y.
         slicer.modules.markups.logic().JumpSlicesToLocation(-x, -y, z, True)
+        for view in BUNDLE["views"]:
+            node = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNode" + view)
+            node.SetFieldOfView(BUNDLE["field_of_view"], BUNDLE["field_of_view"], node.GetFieldOfView()[2])
 
 
 main()
@@ -64,7 +75,9 @@ main()
 
 
 def review_script(spec: SceneSpec, focus_lps: tuple[float, float, float] | None = None) -> str:
-    """Source of a Slicer script that loads what ``spec`` describes and centres the slices on ``focus_lps``."""
+    """Source of a Slicer script that loads what ``spec`` describes and centres the slices on ``focus_lps``
+    (default: the scene's own focus)."""
+    focus_lps = focus_lps if focus_lps is not None else spec.focus_lps
     bundle = {
         "ct": spec.ct_file,
         "ct_window": LUNG_WINDOW,
@@ -75,6 +88,10 @@ def review_script(spec: SceneSpec, focus_lps: tuple[float, float, float] | None 
         "foreground_opacity": spec.foreground_opacity,
         "segmentation": spec.segmentation_file,
         "markups": spec.markups_file,
+        "table": spec.table_file,
+        "outline_thickness": OUTLINE_THICKNESS,
+        "views": list(SLICE_VIEWS),
+        "field_of_view": spec.field_of_view_mm,
         "focus_lps": list(focus_lps) if focus_lps is not None else None,
     }
     return _TEMPLATE.format(bundle=json.dumps(bundle, indent=1))
@@ -82,6 +99,4 @@ def review_script(spec: SceneSpec, focus_lps: tuple[float, float, float] | None 
 
 def write_review_script(spec: SceneSpec, path: Path, focus_lps: tuple[float, float, float] | None = None) -> Path:
     """Write ``review.py`` for a bundle."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(review_script(spec, focus_lps))
-    return path
+    return io.write_text(path, review_script(spec, focus_lps))

@@ -4,7 +4,9 @@ The header keys are those of Slicer's ``vtkMRMLSegmentationStorageNode`` (resear
 ``Segment<i>_{ID,Name,Color,Tags,Extent,LabelValue,Layer,...}`` and ``Segmentation_*``. SimpleITK writes
 custom metadata as ``key:=value`` lines, which is what Slicer's NRRD reader gives back to that storage node.
 The file holds one layer (distinct label values per nodule) on the smallest CT sub-grid covering every mask;
-``Segmentation_ReferenceImageExtentOffset`` tells Slicer where that sub-grid lies in the CT's voxel grid.
+``Segmentation_ReferenceImageExtentOffset`` tells Slicer where that sub-grid lies in the CT's voxel grid, and
+the ``Reference image geometry`` conversion parameter names the whole CT lattice, so Slicer's Segment Editor
+paints anywhere on the CT (without it, only inside the nodules' bounding box; research/slicer_core.md D5).
 """
 from __future__ import annotations
 
@@ -17,10 +19,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ctcdam import io
+
 log = logging.getLogger(__name__)
 
 #: Slicer's tag serialisation splits on "|" and on the first ":" of each pair.
 _TAG_FORBIDDEN = ("|",)
+#: Slicer's description of the parameter (vtkSegmentationConverter), written as its own writer does.
+_REFERENCE_GEOMETRY_DESCRIPTION = (
+    "Image geometry description string determining the geometry of the labelmap that is created in course of "
+    "conversion."
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,23 @@ def _extent_string(array_zyx: np.ndarray) -> str:
     return " ".join(f"{lo} {hi}" for lo, hi in zip(low, high))
 
 
+def reference_geometry_string(reference: sitk.Image) -> str:
+    """Slicer's geometry string of a whole image: the 16 row-major IJK-to-RAS entries, then the inclusive extent.
+
+    The matrix comes from SimpleITK's own index-to-physical mapping (LPS), turned to RAS by negating x and y.
+    """
+    origin = np.array(reference.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 0.0)))
+    columns = [np.array(reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in unit))) - origin
+               for unit in np.eye(3)]
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.stack(columns, axis=1)
+    ijk_to_lps[:3, 3] = origin
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
+    entries = ";".join(repr(float(v) + 0.0) for v in ijk_to_ras.reshape(-1))  # + 0.0: no "-0.0"
+    extent = ";".join(f"0;{int(n) - 1}" for n in reference.GetSize())
+    return f"{entries};{extent};"
+
+
 def segmentation_image(segments: Sequence[Segment], reference: sitk.Image) -> sitk.Image:
     """One uint8 layer on the CT sub-grid covering all masks, label value k+1 for segment k, with Slicer metadata."""
     placed = [_mask_on_reference(segment.mask, reference) for segment in segments]
@@ -119,6 +145,9 @@ def segmentation_image(segments: Sequence[Segment], reference: sitk.Image) -> si
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
         "Segmentation_ReferenceImageExtentOffset": " ".join(str(int(v)) for v in low),
+        # "name|value|description&" per parameter, as vtkMRMLSegmentationStorageNode writes them.
+        "Segmentation_ConversionParameters": (f"Reference image geometry|{reference_geometry_string(reference)}"
+                                              f"|{_REFERENCE_GEOMETRY_DESCRIPTION}&"),
     }
     for k, segment in enumerate(segments):
         value, (red, green, blue) = k + 1, segment.color
@@ -142,6 +171,4 @@ def write_segmentation(segments: Sequence[Segment], reference: sitk.Image, path:
     """Write ``segments`` as a Slicer ``.seg.nrrd`` on a sub-grid of ``reference`` (the CT)."""
     if not str(path).endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(segmentation_image(segments, reference), str(path), useCompression=True)
-    return path
+    return io.write_image(path, segmentation_image(segments, reference))

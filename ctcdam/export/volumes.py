@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ctcdam import io
+
 
 def image_on_grid(values_zyx: np.ndarray, grid: sitk.Image, dtype: type = np.float32) -> sitk.Image:
     """A SimpleITK image holding a (z, y, x) array with the geometry of ``grid`` (shapes must match)."""
@@ -26,9 +28,28 @@ def ct_volume(ct: sitk.Image) -> sitk.Image:
 
 def write_volume(image: sitk.Image, path: Path) -> Path:
     """Write a volume with SimpleITK (NIfTI: qform_code = sform_code = 1, identical matrices)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    return path
+    return io.write_image(path, image)
+
+
+def written_geometry(path: Path) -> sitk.Image:
+    """An empty uint8 image with the geometry of a volume file as readers see it (NIfTI stores it in float32,
+    so this can differ from the in-memory image by ~1e-7 mm); its voxels are not read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    grid = sitk.Image([int(v) for v in reader.GetSize()], sitk.sitkUInt8)
+    grid.SetOrigin(reader.GetOrigin())
+    grid.SetSpacing(reader.GetSpacing())
+    grid.SetDirection(reader.GetDirection())
+    return grid
+
+
+def nearest_voxel_centre(image: sitk.Image, point_lps: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The centre (LPS) of the voxel of ``image`` nearest to ``point_lps``, clamped into the image: slice views
+    placed there cut through voxel centres, so the CT is shown without blending two slices."""
+    index = np.round(image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in point_lps)))
+    index = np.clip(index, 0, np.array(image.GetSize()) - 1).astype(int)
+    return tuple(float(v) for v in image.TransformIndexToPhysicalPoint([int(v) for v in index]))
 
 
 def symmetric_window(image: sitk.Image) -> float:
@@ -45,3 +66,11 @@ def slab_on_grid(values_2d: np.ndarray, grid: sitk.Image, axis_zyx: int, index: 
     size[itk_axis], start[itk_axis] = 1, int(index)
     slab = sitk.RegionOfInterest(grid, size, start)
     return image_on_grid(np.expand_dims(np.asarray(values_2d), axis_zyx), slab)
+
+
+def axis_spacing_ras(image: sitk.Image) -> tuple[float, float, float]:
+    """The voxel spacing along the R, A and S axes: that of the index axis closest to each (exact when the image
+    is axis-aligned, as CT series are)."""
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))  # rows: L/R, P/A, S/I; columns: index axes
+    spacing = np.array(image.GetSpacing())
+    return tuple(float(spacing[int(np.argmax(direction[row]))]) for row in range(3))

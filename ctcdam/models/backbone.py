@@ -109,6 +109,6 @@ def set_trainable(model: VisionTransformer, mode: FinetuneMode, last_n: int = 2)
         module.requires_grad_(True)
 
 
-def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+def head_embedding(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """The (B, D) final-norm CLS embedding that the head reads (timm forward_head with pre_logits)."""
     return model.forward_head(model.forward_features(images), pre_logits=True)

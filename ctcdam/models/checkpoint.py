@@ -27,9 +27,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ctcdam.data.labels import BiomarkerScaler
 from ctcdam.data.transforms import InputConfig, to_model_input
-from ctcdam.data.views import centre_index, view_slice
+from ctcdam.data.views import VIEWS, central_slices
 from ctcdam.models.backbone import build_vit
-from ctcdam.targets import BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
+from ctcdam.targets import BIOMARKERS, MALIGNANCY, TARGETS
 
 CHECKPOINT_FORMAT = "ctcdam.nodule-vit.v1"
 #: Keys every checkpoint's ctcdam entry must hold, per section.
@@ -132,9 +132,8 @@ class LoadedModel:
 
     def view_inputs(self, volume_crop_hu: ArrayLike) -> torch.Tensor:
         """(len(views), 3, H, W) model inputs: the central slice of each view of one (z, y, x) HU crop."""
-        crop = np.asarray(volume_crop_hu)
         views = self.config.get("views", VIEWS)
-        return torch.cat([to_model_input(view_slice(crop, v, centre_index(crop.shape, v)), self.input_config) for v in views])
+        return torch.cat([to_model_input(s, self.input_config) for s in central_slices(volume_crop_hu, views)])
 
     @torch.no_grad()
     def predict(self, volume_crops_hu: ArrayLike) -> dict[str, np.ndarray]:

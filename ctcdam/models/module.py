@@ -1,24 +1,37 @@
-"""The LightningModule: a timm ViT with 9 outputs (malignancy logit + 8 standardised biomarkers), its losses and metrics."""
+"""The LightningModule: a timm ViT with 9 outputs (malignancy logit + 8 standardised biomarkers), its losses and steps.
+
+Self-contained as Lightning intends: it reads only its batches (``image``, ``cache_key``, ``label``, ``biomarkers_z``)
+and knows no datamodule. What travels beside the weights (data record, label scaler) is written by the
+:class:`ctcdam.models.callbacks.NoduleRecord` callback; test predictions by
+:class:`ctcdam.models.callbacks.TestPredictionWriter`.
+"""
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
-import pandas as pd
 import torch
 from timm.optim import param_groups_weight_decay
 from torchmetrics.classification import BinaryAUROC
 
-from ctcdam.data.labels import BiomarkerScaler
-from ctcdam.data.manifest import biomarker_matrix
 from ctcdam.data.transforms import DEFAULT_WINDOW, InputConfig
-from ctcdam.models.backbone import FinetuneMode, create_backbone, embed, set_trainable
-from ctcdam.models.checkpoint import checkpoint_record
+from ctcdam.models.backbone import FinetuneMode, create_backbone, head_embedding, set_trainable
 from ctcdam.models.feature_cache import EmbeddingCache
 from ctcdam.models.losses import multitask_loss
-from ctcdam.models.metrics import evaluation_metrics, predictions_table
 from ctcdam.targets import TARGETS
+
+
+def warmup_pct(warmup_fraction: float, total_steps: int) -> float:
+    """OneCycleLR's pct_start for a warmup fraction; a warmup of exactly one step becomes two.
+
+    OneCycleLR ends its warmup at step ``pct_start * total_steps - 1``; at exactly one step that is step 0,
+    where it divides by zero (e.g. warmup 0.1 of 10 steps). Two steps is the shortest ramp it can do.
+    """
+    if math.isclose(warmup_fraction * total_steps, 1.0):
+        return 2 / total_steps if total_steps >= 2 else 0.5
+    return warmup_fraction
 
 
 class NoduleModule(pl.LightningModule):
@@ -71,17 +84,12 @@ class NoduleModule(pl.LightningModule):
         self.uses_embedding_cache = finetune == "head" and cache_embeddings
         self.caches: dict[str, EmbeddingCache] = {}
         self.val_auroc = BinaryAUROC()
-        self.scaler: BiomarkerScaler | None = None
-        self.data_record: dict[str, Any] | None = None
-        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.test_predictions: pd.DataFrame | None = None
-        self.test_metrics: dict[str, Any] | None = None
 
     # -- configuration that travels with the weights ------------------------------------------------
-    def model_config(self) -> dict[str, Any]:
-        """Architecture and input settings recorded in the checkpoint (with the data's crop geometry)."""
+    def model_config(self, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Architecture and input settings recorded in the checkpoint, with the crop geometry of the `data` record."""
         hp = self.hparams
-        data = self.data_record or {}
+        data = data or {}
         return {
             "backbone": hp.backbone,
             "model_kwargs": dict(hp.backbone_kwargs or {}),
@@ -95,23 +103,6 @@ class NoduleModule(pl.LightningModule):
             "targets": list(TARGETS),
         }
 
-    def setup(self, stage: str) -> None:
-        """Take the label scaler and split record from the datamodule (fitted on the training part of the fold)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or getattr(datamodule, "scaler", None) is None:
-            raise RuntimeError("NoduleModule needs a NoduleDataModule passed to the Trainer (datamodule=...)")
-        self.scaler = datamodule.scaler
-        self.data_record = datamodule.record()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ctcdam"] = checkpoint_record(self.model_config(), self.scaler, self.data_record)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        record = checkpoint.get("ctcdam")
-        if record is not None:
-            self.scaler = BiomarkerScaler.from_dict(record["scaler"])
-            self.data_record = dict(record["data"])
-
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 9) outputs in TARGETS order."""
@@ -121,7 +112,7 @@ class NoduleModule(pl.LightningModule):
         training = self.model.training
         self.model.eval()  # a cached embedding must not depend on dropout draws
         with torch.no_grad():
-            features = embed(self.model, images)
+            features = head_embedding(self.model, images)
         self.model.train(training)
         return features
 
@@ -163,46 +154,21 @@ class NoduleModule(pl.LightningModule):
             self.val_auroc.update(torch.sigmoid(outputs[labelled, 0]), batch["label"][labelled].long())
             self.log("val/auroc", self.val_auroc, prog_bar=True, batch_size=int(labelled.sum()))
 
-    def on_test_epoch_start(self) -> None:
-        self._test_outputs = []
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._test_outputs.append((batch["index"], self._view_averaged(batch, "test").float()))
-
-    def on_test_epoch_end(self) -> None:
-        """Gather the test predictions of all ranks, de-standardise, compute and log the test metrics."""
-        index = torch.cat([i for i, _ in self._test_outputs])
-        outputs = torch.cat([o for _, o in self._test_outputs])
-        if self.trainer.world_size > 1:
-            # the distributed sampler pads with repeated rows; gather everything, keep one row per nodule
-            index = self.all_gather(index).flatten(0, 1)
-            outputs = self.all_gather(outputs).flatten(0, 1)
-        index_np = index.cpu().numpy()
-        unique, first = np.unique(index_np, return_index=True)
-        raw = outputs.cpu().numpy()[first]
-        rows = self.trainer.datamodule.rows("test").iloc[unique]
-        self.test_predictions = predictions_table(
-            rows["nodule_id"].astype(str).tolist(),
-            rows["label"].to_numpy(),
-            raw,
-            biomarker_matrix(rows),
-            self.scaler.inverse(raw[:, 1:]),
-            self.scaler.mean,
-        )
-        self.test_metrics = evaluation_metrics(self.test_predictions)
-        scalars = {k: v for k, v in self.test_metrics.items() if isinstance(v, (int, float)) and v is not None}
-        self.log_dict({f"test/{k}": float(v) for k, v in scalars.items()}, rank_zero_only=True)
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """(B, 9) view-averaged raw outputs; TestPredictionWriter pairs them with the batch's nodule ids."""
+        return self._view_averaged(batch, "test").float()
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = param_groups_weight_decay(self.model, hp.weight_decay, self.model.no_weight_decay())
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=hp.lr,
-            total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
-            pct_start=hp.warmup_fraction,
+            total_steps=total_steps,
+            pct_start=warmup_pct(hp.warmup_fraction, total_steps),
             anneal_strategy="cos",
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,10 +10,6 @@ from sklearn.metrics import auc, roc_curve
 
 from ctcdam import io
 
-# Kept for ctcdam.explain.evaluation until it moves onto ctcdam.io directly.
-write_json_atomic = io.write_json
-write_csv_atomic = io.write_csv
-
 
 def _save_figure(fig: Figure, path: Path) -> Path:
     with io.atomic_file(path) as tmp:

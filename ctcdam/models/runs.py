@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: Parent folder of training runs (relative to the working directory, as the pipelines' --output_dir).
+from ctcdam.models.device import resolve_device  # noqa: F401  (moved to models/device.py; kept until callers switch)
+
+#: Parent folder of training runs (relative to the working directory, as train.py's --out).
 TRAIN_OUTPUTS = Path("outputs/train")
 
 
@@ -16,12 +18,3 @@ def newest_checkpoint(root: Path = TRAIN_OUTPUTS) -> Path:
             f"no checkpoint under {root}: train one with `python pipelines/train.py` or pass --checkpoint PATH"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime)
-
-
-def resolve_device(name: str = "auto") -> str:
-    """A torch device name: ``auto`` is the first CUDA device when one is available, else the CPU."""
-    if name != "auto":
-        return name
-    import torch  # deferred: callers check their arguments before paying for the import
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,8 +4,9 @@
 nodules with >= 3 annotations they make 2113 of their 6703 DB slices (1.1 GB of uncompressed DICOM)
 and hold 283 painted annotation clusters, of them 193 nodules with >= 3 annotations:
 94 benign (malignancy median < 3), 73 malignant (> 3) and 26 ambiguous (= 3), i.e. 167 labelled.
-Recompute with ``python -m ctcdam.synthetic.selection --scans <DEFAULT_SCANS>``; pre-generate with
-``python -m ctcdam.synthetic``.
+Recompute with ``python -m ctcdam.synthetic.selection --scans <DEFAULT_SCANS>``. Where the default lives
+(ctcdam's cache folder) and its preprocessing are decided by ``ctcdam.workflows.defaults``; pre-generate and
+preprocess it with ``python pipelines/preprocess.py``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from ctcdam.synthetic.writer import series_dir, write_synthetic_series
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "CTCDAM_CACHE"
 DEFAULT_DIRNAME = "synthetic-lidc"
 #: Slices kept beyond the annotated z extent of the nodules with >= 3 annotations: half of the
 #: default 32 mm crop, so every such nodule's crop lies inside the written slices.
@@ -83,12 +83,6 @@ DEFAULT_SCANS: tuple[str, ...] = (
 )
 
 
-def default_cache_dir() -> Path:
-    """ctcdam's cache folder: $CTCDAM_CACHE, else ~/.cache/ctcdam."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ctcdam"
-
-
 def _write_default_scan(scan_id: str, root: Path) -> str:
     write_synthetic_series(
         scan_id,
@@ -116,14 +110,14 @@ def _missing_scans(root: Path, scan_ids: Sequence[str]) -> list[str]:
 
 
 def ensure_default_dicom(
-    cache_dir: Path | None = None,
+    cache_dir: Path,
     progress: bool = True,
     *,
     scan_ids: Sequence[str] = DEFAULT_SCANS,
     workers: int | None = None,
 ) -> Path:
-    """Generate the missing default scans into <cache>/synthetic-lidc/ and return that LIDC root."""
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DEFAULT_DIRNAME
+    """Generate the missing default scans into <cache_dir>/synthetic-lidc/ and return that LIDC root."""
+    root = Path(cache_dir) / DEFAULT_DIRNAME
     root.mkdir(parents=True, exist_ok=True)
     missing = _missing_scans(root, scan_ids)
     if not missing:

@@ -26,6 +26,7 @@ from pydicom.valuerep import DSfloat
 
 from ctcdam import io
 from ctcdam.lidc.pylidc_compat import get_scan
+from ctcdam.synthetic.known_cause import KNOWN_CAUSE_VERSION, ScanGeometry, known_cause_nodules, paint_signs
 from ctcdam.synthetic.phantom import chest_phantom_slice, paint_slice, painted_nodules
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,26 @@ def write_synthetic_series(
     seed: int = 0,
     noise_sd: float = 10.0,
     cover_min_annotations: int = 1,
+    known_cause_seed: int | None = None,
 ) -> Path:
-    """Write the phantom series of a LIDC scan id under root (atomic, skipped when done); return its folder."""
+    """Write the phantom series of a LIDC scan id under root (atomic, skipped when done); return its folder.
+
+    ``known_cause_seed`` paints the known-cause set instead (``ctcdam.synthetic.known_cause``): nodules by
+    texture only, plus spicules, calcified foci and vessels drawn per nodule from that seed.
+    """
     scan = get_scan(scan_id)
     target = series_dir(scan, Path(root), layout)
     comment = _settings_comment(seed, noise_sd, z_margin_mm, cover_min_annotations)
+    if known_cause_seed is not None:
+        comment += f"; known_cause_seed={known_cause_seed}; known_cause_version={KNOWN_CAUSE_VERSION}"
     if target.is_dir():
         _check_finished(target, comment)
         return target
-    nodules = painted_nodules(scan)
+    if known_cause_seed is None:
+        nodules, signs = painted_nodules(scan), []
+    else:
+        nodules, signs = known_cause_nodules(scan, known_cause_seed)
+    geometry = ScanGeometry.of(scan)
     indices = covered_slice_indices(scan, [n.annotations for n in nodules], z_margin_mm, cover_min_annotations)
     zvals = np.asarray(scan.slice_zvals, dtype=float)
     n_slices = len(zvals)
@@ -183,7 +195,10 @@ def write_synthetic_series(
     io.remove_stale_temporaries(target.parent)
     with io.atomic_dir(target) as partial:
         for position, k in enumerate(indices, start=1):
-            hu = _noisy(paint_slice(base, k, nodules), seed, int(scan.id), k, noise_sd)
+            hu = paint_slice(base, k, nodules)
+            if signs:
+                hu = paint_signs(hu, k, geometry, signs, nodules)
+            hu = _noisy(hu, seed, int(scan.id), k, noise_sd)
             instance_number = n_slices - k  # LIDC numbers instances from the top (highest z) down
             sop_uid = generate_uid(entropy_srcs=[scan.series_instance_uid, f"{zvals[k]:.6f}"])
             ds.file_meta.MediaStorageSOPInstanceUID = sop_uid

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctcdam.data.manifest import read_crop, read_manifest
 from ctcdam.explain import concept_vector
 from ctcdam.export.naming import concept_map_name
+from ctcdam.manifest.schema import read_crop, read_manifest
 from ctcdam.models.checkpoint import LoadedModel
 from ctcdam.targets import BIOMARKER_COLUMNS, MALIGNANCY
 
@@ -45,7 +45,7 @@ class ConceptQuery:
 
     def matches(self, frame: pd.DataFrame) -> np.ndarray:
         """Boolean mask of the rows that satisfy the query (rows without a value never match)."""
-        values = pd.to_numeric(frame[self.column], errors="coerce").to_numpy(dtype=float)
+        values = pd.to_numeric(frame[self.column], errors="coerce").astype(float).to_numpy()
         with np.errstate(invalid="ignore"):
             return np.asarray(_OPERATORS[self.operator](values, self.value), dtype=bool) & np.isfinite(values)
 
@@ -91,9 +91,9 @@ def training_examples(loaded: LoadedModel, query: ConceptQuery) -> pd.DataFrame:
     return chosen
 
 
-def build_concept(loaded: LoadedModel, text: str, batch_size: int = 64) -> Concept:
+def build_concept(loaded: LoadedModel, text: str) -> Concept:
     """Concept vector of a query: mean CLS embedding of the centre slices (every view) of its training nodules."""
     query = parse_query(text)
     examples = training_examples(loaded, query)
     images = torch.cat([loaded.view_inputs(read_crop(file)[0]) for file in examples["image_file"]])
-    return Concept(query=query, n_examples=len(examples), vector=concept_vector(loaded.model, images, batch_size))
+    return Concept(query=query, n_examples=len(examples), vector=concept_vector(loaded.model, images))

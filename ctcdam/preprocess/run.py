@@ -10,9 +10,12 @@ temporaries), re-verifies every finished unit against its record (a missing, tru
 means the scan is redone, with a log line) and assembles the manifest from the verified units, so a run
 killed at any moment and resumed ends byte-identical to an uninterrupted run.
 
+Which clusters become nodules and how they are cropped is decided by ``ctcdam.lidc.scan_nodules``, the
+per-scan pipeline that explain uses too; the tables' format is ``ctcdam.manifest.schema``'s.
+
 Output layout (all paths in the manifest are relative to ``out_dir``)::
 
-    out_dir/manifest.csv, out_dir/failures.csv
+    out_dir/manifest.csv, out_dir/failures.csv, out_dir/manifest.json   (the run record: settings, DICOM root)
     out_dir/crops/<scan_id>/<nodule_id>_hu.nii.gz, <nodule_id>_mask.nii.gz   (the scan's unit folder, with:)
     out_dir/crops/<scan_id>/nodules.csv, failures.csv, scan.json
     out_dir/.dicom-index/<patient_id>.json      (header cache)
@@ -27,55 +30,28 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ctcdam import io
 from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
 from ctcdam.lidc.dicom_index import index_patient, patient_folders
-from ctcdam.lidc.manifest import FAILURE_COLUMNS, MANIFEST_COLUMNS, typed_manifest
-from ctcdam.lidc.nodules import (
-    annotation_features,
-    nodule_id,
-    nodule_labels,
-    scan_clusters,
-    selection_problem,
-)
-from ctcdam.lidc.series import (
-    DEFAULT_HU_CLIP,
-    Z_TOLERANCE_MM,
-    LoadedSeries,
-    SeriesError,
-    load_series,
+from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, scan_nodules
+from ctcdam.lidc.series import LoadedSeries, SeriesError, load_series
+from ctcdam.manifest.schema import (
+    FAILURE_COLUMNS,
+    MANIFEST_COLUMNS,
+    typed_manifest,
+    write_manifest,
+    write_run_record,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the outputs of a scan change meaning: --resume then redoes scans done by an older version.
-OUTPUT_VERSION = 2
 #: The unit's record, written last into its folder.
 RECORD_FILE = "scan.json"
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything that changes the outputs of a scan (recorded in each done-record)."""
-
-    min_annotations: int = 3
-    crop: CropSpec = field(default_factory=CropSpec)
-    consensus_level: float = 0.5
-    hu_clip: tuple[int, int] | None = DEFAULT_HU_CLIP
-    pad_hu: int = PAD_HU
-
-    def as_record(self) -> dict:
-        """JSON-ready form, compared on --resume."""
-        record = asdict(self)
-        record["hu_clip"] = list(self.hu_clip) if self.hu_clip is not None else None
-        record["output_version"] = OUTPUT_VERSION
-        return record
 
 
 @dataclass(frozen=True)
@@ -115,76 +91,53 @@ def _failure(scan_id: str, stage: str, reason: str, nodule: str = "") -> dict:
     return {"scan_id": scan_id, "nodule_id": nodule, "stage": stage, "reason": reason}
 
 
-def _nodule_row(
-    scan, scan_id: str, index: int, cluster, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig
-):
-    """Labels, crop files (into the unit's staging folder) and manifest row of one selected cluster; raises on an unusable nodule."""
-    labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
-    mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=config.consensus_level)
-    crop = crop_nodule(series, mask, config.crop, pad_hu=config.pad_hu)
-    nid = nodule_id(scan_id, index)
+def _nodule_row(scan, scan_id: str, nodule: ScanNodule, series: LoadedSeries, out_dir: Path, staging: Path,
+                config: PreprocessConfig) -> dict:
+    """Crop files (into the unit's staging folder) and manifest row of one selected nodule; raises on an unusable one."""
+    cropped = crop(series, nodule, config)
     crop_dir = _unit_dir(out_dir, scan_id)
-    image_path, mask_path = crop_dir / f"{nid}_hu.nii.gz", crop_dir / f"{nid}_mask.nii.gz"
-    io.write_image(staging / image_path.name, crop.hu)
-    io.write_image(staging / mask_path.name, crop.mask)
-    row = {
+    image_path, mask_path = crop_dir / f"{nodule.nodule_id}_hu.nii.gz", crop_dir / f"{nodule.nodule_id}_mask.nii.gz"
+    io.write_image(staging / image_path.name, cropped.hu)
+    io.write_image(staging / mask_path.name, cropped.mask)
+    mask = nodule.mask
+    return {
         "scan_id": scan_id,
         "patient_id": scan.patient_id,
         "series_uid": scan.series_instance_uid,
-        "nodule_id": nid,
-        "cluster_index": index + 1,
-        **labels,
+        "nodule_id": nodule.nodule_id,
+        "cluster_index": nodule.cluster_index + 1,
+        **nodule.labels,
         "centroid_x": mask.centroid[0],
         "centroid_y": mask.centroid[1],
         "centroid_z": mask.centroid[2],
         "consensus_voxels": mask.n_voxels,
-        "pad_fraction": crop.pad_fraction,
+        "pad_fraction": cropped.pad_fraction,
         "crop_size": config.crop.size_voxels,
         "crop_spacing_mm": config.crop.spacing_mm,
         "image_path": image_path.relative_to(out_dir).as_posix(),
         "mask_path": mask_path.relative_to(out_dir).as_posix(),
     }
-    return row, notes
 
 
-def coverage_problem(cluster, series: LoadedSeries) -> str | None:
-    """Why a cluster's annotated z extent is not inside the present slices of a (partial) series, or None."""
-    low, high = cluster.z_extent
-    present_low, present_high = float(series.zvals[0]), float(series.zvals[-1])
-    if low < present_low - Z_TOLERANCE_MM or high > present_high + Z_TOLERANCE_MM:
-        return (
-            f"annotated z extent [{low:.2f}, {high:.2f}] mm is not inside the present slices "
-            f"[{present_low:.2f}, {present_high:.2f}] mm (partial series)"
-        )
-    return None
-
-
-def scan_nodules(
+def scan_rows(
     scan, scan_id: str, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """Manifest rows, failure rows and notes for every annotation cluster of a loaded scan."""
+    """Manifest rows (crops written into ``staging``), failure rows and notes for every annotation cluster of a scan."""
+    nodules, rejected = scan_nodules(scan, scan_id, series, config)
+    failures = [_failure(scan_id, r.stage, r.reason, r.nodule_id) for r in rejected]
     rows: list[dict] = []
-    failures: list[dict] = []
     notes: list[str] = []
-    for index, cluster in enumerate(scan_clusters(scan)):
-        nid = nodule_id(scan_id, index)
-        problem = selection_problem(cluster, config.min_annotations)
-        if problem is not None:
-            failures.append(_failure(scan_id, "select", problem, nid))
-            continue
-        problem = coverage_problem(cluster, series)
-        if problem is not None:
-            failures.append(_failure(scan_id, "coverage", problem, nid))
-            continue
+    for nodule in nodules:
         try:
-            row, nodule_notes = _nodule_row(scan, scan_id, index, cluster, series, out_dir, staging, config)
+            row = _nodule_row(scan, scan_id, nodule, series, out_dir, staging, config)
         except io.OutputError:
             raise  # the disk, not the nodule: the run stops with one sentence
         except Exception as error:  # one bad nodule must not lose the scan's other nodules
-            failures.append(_failure(scan_id, "crop", f"{type(error).__name__}: {error}", nid))
+            failures.append(_failure(scan_id, "crop", f"{type(error).__name__}: {error}", nodule.nodule_id))
             continue
         rows.append(row)
-        notes.extend(f"{nid}: {note}" for note in nodule_notes)
+        notes.extend(f"{nodule.nodule_id}: {note}" for note in nodule.notes)
+    failures.sort(key=lambda f: _natural_key(f["nodule_id"]))  # cluster order, as the clusters were visited
     return rows, failures, notes
 
 
@@ -212,7 +165,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
             notes.extend(series.notes)
             clipped_fraction = series.clipped_fraction
             stage = "nodules"
-            rows, failures, nodule_notes = scan_nodules(scan, scan_id, series, out_dir, staging, config)
+            rows, failures, nodule_notes = scan_rows(scan, scan_id, series, out_dir, staging, config)
             notes.extend(nodule_notes)
         except io.OutputError:
             raise
@@ -295,9 +248,10 @@ def _natural_key(text: str) -> tuple:
 
 
 def assemble_outputs(
-    out_dir: Path, scan_ids: Sequence[str], config: PreprocessConfig, selection_failures: Sequence[dict] = ()
+    out_dir: Path, scan_ids: Sequence[str], config: PreprocessConfig, lidc_root: Path,
+    selection_failures: Sequence[dict] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Manifest and failures from the parts of every finished scan, sorted; written atomically to out_dir."""
+    """Manifest and failures from the parts of every finished scan, sorted, and the run record; written atomically."""
     out_dir = Path(out_dir)
     manifests, failure_parts = [], [pd.DataFrame(list(selection_failures), columns=list(FAILURE_COLUMNS))]
     for scan_id in scan_ids:
@@ -318,8 +272,8 @@ def assemble_outputs(
     failures = failures.sort_values(
         by=["scan_id", "nodule_id", "stage"], key=lambda col: col.map(_natural_key), kind="stable"
     ).reset_index(drop=True)
-    io.write_csv(out_dir / "manifest.csv", manifest)
-    io.write_csv(out_dir / "failures.csv", failures)
+    manifest_path, _ = write_manifest(out_dir, manifest, failures)
+    write_run_record(manifest_path, config.as_record(), lidc_root)
     return manifest, failures
 
 
@@ -415,7 +369,7 @@ def run_preprocess(
 
     jobs = [(s, str(lidc_root), str(out_dir), config) for s in todo]
     _execute(jobs, workers, on_done)
-    manifest, failures = assemble_outputs(out_dir, selected, config, selection_failures)
+    manifest, failures = assemble_outputs(out_dir, selected, config, lidc_root, selection_failures)
     done = {s: _read_done(out_dir, s, config) for s in selected}
     statuses = [record["status"] for record in done.values() if record is not None]
     label = manifest["malignancy_label"]

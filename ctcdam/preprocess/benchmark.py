@@ -19,12 +19,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.crops import ConsensusMask, CropSpec, consensus_mask, crop_nodule
-from ctcdam.lidc.dicom_index import index_patient
-from ctcdam.lidc.nodules import scan_clusters, selection_problem
-from ctcdam.lidc.preprocess import PreprocessConfig, process_scan
-from ctcdam.lidc.series import LoadedSeries, load_series
+from ctcdam.lidc.crops import CropSpec
+from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
+from ctcdam.lidc.series import LoadedSeries
+from ctcdam.preprocess.run import process_scan
 
 
 def _seconds(function: Callable[[], object]) -> float:
@@ -76,31 +74,24 @@ def benchmark_preprocess(
     """Median timings of our crops vs whole-scan resampling, and of our preprocessing vs reading the series."""
     config = config or PreprocessConfig()
     lidc_root = Path(lidc_root)
-    loaded: list[tuple[object, LoadedSeries, list[ConsensusMask], list[str]]] = []
+    loaded: list[tuple[object, LoadedSeries, list[ScanNodule], list[str]]] = []
     for scan_id in scan_ids:
-        scan = pylidc_compat.get_scan(scan_id)
-        index = index_patient(lidc_root, scan.patient_id)
-        series = load_series(scan, index, hu_clip=config.hu_clip)
-        masks = [
-            consensus_mask(cluster.annotations, scan, series.plane, config.consensus_level)
-            for cluster in scan_clusters(scan)
-            if selection_problem(cluster, config.min_annotations) is None
-            and series.zvals[0] <= cluster.z_extent[0] and cluster.z_extent[1] <= series.zvals[-1]
-        ]
-        loaded.append((scan, series, masks, _series_files(index, scan)))
-    n_nodules = sum(len(masks) for _, _, masks, _ in loaded)
+        scan = load_scan(scan_id, lidc_root, config)
+        nodules, _ = scan_nodules(scan.scan, scan_id, scan.series, config)  # the nodules preprocessing crops
+        loaded.append((scan.scan, scan.series, nodules, _series_files(scan.index, scan.scan)))
+    n_nodules = sum(len(nodules) for _, _, nodules, _ in loaded)
     if n_nodules == 0:
         raise ValueError(f"no nodule with >= {config.min_annotations} annotations inside the slices of {list(scan_ids)}")
 
     ours_crop, naive_crop_s, ours_scan, read_sitk, read_pydicom = [], [], [], [], []
     for _ in range(repeats):
         ours_crop.append(sum(
-            _seconds(lambda s=series, m=mask: crop_nodule(s, m, config.crop))
-            for _, series, masks, _ in loaded for mask in masks
+            _seconds(lambda s=series, n=nodule: crop(s, n, config))
+            for _, series, nodules, _ in loaded for nodule in nodules
         ) / n_nodules)
         naive_crop_s.append(sum(
-            _seconds(lambda s=series, m=mask: naive_crop(s, m.centroid, config.crop))
-            for _, series, masks, _ in loaded for mask in masks
+            _seconds(lambda s=series, m=nodule.mask: naive_crop(s, m.centroid, config.crop))
+            for _, series, nodules, _ in loaded for nodule in nodules
         ) / n_nodules)
         with tempfile.TemporaryDirectory() as out_dir:  # fresh each time: the header index is built cold
             ours_scan.append(sum(

@@ -1,4 +1,5 @@
-"""One explain run: checks that need no model first, then load the checkpoint, explain the scan, write the bundle.
+"""One explain run (what pipelines/explain.py calls): checks that need no model first, then load the checkpoint,
+explain the scan, write the bundle.
 
 The checks on paths and scan ids run before torch, timm and pylidc are imported, so a mistyped argument is
 answered in about a second instead of after ~15 s of imports; that is why the heavy imports sit inside
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctcdam.export.paths import check_output_root, check_scan_present, existing_checkpoint, newest_checkpoint
-from ctcdam.models.runs import resolve_device
+from ctcdam.export.paths import check_output_root
+from ctcdam.models.device import resolve_device
+from ctcdam.workflows.sources import check_scan_present, existing_checkpoint, newest_checkpoint, recorded_lidc_root
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ class RunOutcome:
     bundle: Path
     checkpoint: Path
     lidc_root: Path
-    nodules: list[dict[str, Any]]  # nodule_id, labelled, predictions, radiologists
+    nodules: list[dict[str, Any]]  # nodule_id, in_training_population, predictions, radiologists
     note: str
     details: dict[str, Any]
     write_seconds: float
@@ -43,29 +45,13 @@ class RunOutcome:
             values = "  ".join(f"{t}={v:.3g}" + ("" if readers.get(t) is None else f" ({readers[t]:.3g})")
                                for t, v in nodule["predictions"].items())
             row = cost.get(nodule["nodule_id"], {})
-            lines.append(f"{nodule['nodule_id']}{'' if nodule['labelled'] else ' [unlabelled]'}: {values}"
+            lines.append(f"{nodule['nodule_id']}{'' if nodule['in_training_population'] else ' [unlabelled]'}: {values}"
                          f"  [{row.get('images', 0)} images in {row.get('explain_s', 0.0):.2f} s]")
         lines.append(f"{len(self.nodules)} nodule(s) explained (model, readers' value in brackets); bundle written "
                      f"in {self.write_seconds:.1f} s: {self.bundle}")
         lines.append(f"open {self.bundle / (self.bundle.name + '.mrb')} in 3D Slicer, or run "
                      f"`Slicer --python-script {self.bundle / 'review.py'}`")
         return "\n".join(lines)
-
-
-def default_lidc_root(data: dict[str, Any], checkpoint: Path) -> Path:
-    """The DICOM root a checkpoint was trained on: its recorded lidc_root, else the synthetic default's DICOM
-    (generated if missing) when it was trained on the synthetic default."""
-    if data.get("lidc_root"):
-        return Path(data["lidc_root"])
-    from ctcdam.data.default import PREPROCESSED_DIR
-
-    manifest = Path(str(data.get("manifest", "")))
-    if manifest.parent.name == PREPROCESSED_DIR:  # <cache>/synthetic-preprocessed/manifest.csv: the synthetic default
-        from ctcdam.synthetic.default import ensure_default_dicom
-
-        return Path(ensure_default_dicom(manifest.parent.parent, progress=False))
-    raise ValueError(f"checkpoint {checkpoint} does not record the DICOM root of its data (ctcdam.data.lidc_root); "
-                     "pass --lidc-root DIR")
 
 
 def run_explain(
@@ -87,22 +73,24 @@ def run_explain(
     if lidc_root is not None:
         check_scan_present(scan_id, lidc_root)
 
+    from ctcdam.data.views import VIEWS
     from ctcdam.export.bundle import write_bundle
-    from ctcdam.export.scan import ExplainSettings, explain_scan
     from ctcdam.models.checkpoint import load_for_inference
-    from ctcdam.targets import TARGETS, VIEWS
+    from ctcdam.targets import TARGETS
+    from ctcdam.workflows.explain_scan import ExplainSettings, explain_scan
 
     settings = ExplainSettings(method=method, targets=tuple(targets or TARGETS), views=tuple(views or VIEWS),
                                volume=volume, concept=concept, method_options=dict(method_options or {}))
     device = resolve_device(device)
     loaded = load_for_inference(checkpoint, map_location=device)
     if lidc_root is None:
-        lidc_root = default_lidc_root(loaded.data, checkpoint)
+        lidc_root = recorded_lidc_root(loaded.data, checkpoint)
         check_scan_present(scan_id, lidc_root)
     result = explain_scan(scan_id, loaded, Path(lidc_root), settings)
     start = time.perf_counter()
     bundle = write_bundle(result, out_root)
     write_seconds = time.perf_counter() - start
-    return RunOutcome(bundle=bundle, checkpoint=checkpoint, lidc_root=Path(lidc_root), nodules=[{"nodule_id": n.nodule_id, "labelled": n.labelled, "predictions": dict(n.predictions),
-                               "radiologists": dict(n.radiologists)} for n in result.nodules],
+    nodules = [{"nodule_id": n.nodule_id, "in_training_population": n.in_training_population, "predictions": dict(n.predictions),
+                "radiologists": dict(n.radiologists)} for n in result.nodules]
+    return RunOutcome(bundle=bundle, checkpoint=checkpoint, lidc_root=Path(lidc_root), nodules=nodules,
                       note=result.note, details=dict(result.details), write_seconds=write_seconds)

@@ -1,0 +1,8 @@
+"""The cross-layer wiring that pipelines/*.py call: the synthetic default, preprocessing, training, explaining a scan.
+
+``defaults``: ctcdam's cache folder and the synthetic default (DICOM root, its one preprocessed copy);
+``preprocess``: a preprocessing run on a LIDC root or on the default; ``train``: the training runner;
+``sources``: the newest checkpoint, the data a checkpoint came from, a scan in a DICOM root (no torch import,
+for fast argument checks); ``explain_run`` (what pipelines/explain.py calls), ``explain_scan`` (a scan's
+nodules, crops and maps) and ``concept`` (concept queries over a checkpoint's training nodules).
+"""
