@@ -199,7 +199,7 @@ def test_registry_metadata_matches_the_methods() -> None:
     assert list_methods(family="cdam") == ["cdam", "integrated", "smooth"]
     assert {method_info(m).space for m in list_methods(family="cdam")} == {"token"}
     assert [m for m in list_methods() if method_info(m).space == "pixel"] == ["ig", "inputxgrad", "smoothgrad"]
-    assert list_methods(family="control") == ["random"]
+    assert list_methods(family="control") == ["centred_gaussian", "random", "uniform"]
 
 
 def test_registration_is_idempotent_and_survives_a_reload() -> None:

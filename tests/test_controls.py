@@ -19,7 +19,8 @@ def test_uniform_is_flat_for_every_target() -> None:
     assert explanation.maps.shape == (2, 2, 3, 5)
     torch.testing.assert_close(explanation.maps, torch.full_like(explanation.maps, 1 / 15), rtol=0, atol=0)
     torch.testing.assert_close(explanation.outputs, model(images).detach())
-    torch.testing.assert_close(metrics.gini_index(explanation.maps), torch.zeros(2, 2, dtype=torch.float64), rtol=0, atol=1e-12)
+    flat = torch.zeros(2, 2, dtype=torch.float64)
+    torch.testing.assert_close(metrics.gini_index(explanation.maps), flat, rtol=0, atol=1e-12)
     evidence = torch.zeros(2, 3, 5, dtype=torch.bool)
     evidence[:, 1, 1:3] = True
     torch.testing.assert_close(metrics.evidence_lift(explanation.maps, evidence), torch.ones(2, 2, dtype=torch.float64))

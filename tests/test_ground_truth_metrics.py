@@ -10,8 +10,6 @@ from sklearn.metrics import roc_auc_score
 
 from ctcdam.explain import metrics
 
-NAN = float("nan")
-
 
 def grid_mask(*cells: tuple[int, int], size: tuple[int, int] = (4, 4)) -> torch.Tensor:
     """A (1, gh, gw) token mask with the given cells inside."""

@@ -76,11 +76,14 @@ def worked_partial_lrp(model: torch.nn.Module, image: torch.Tensor, weight_row: 
     r_probs = np.zeros((heads, n_tokens))
     for h in range(heads):
         for j in range(n_tokens):
-            r_probs[h, j] = probs[h, j] * sum(v[j, h, d] * r_heads[h, d] / (out[h, d] + EPS) for d in range(head_dim)) / 2
+            mixed = sum(v[j, h, d] * r_heads[h, d] / (out[h, d] + EPS) for d in range(head_dim))
+            r_probs[h, j] = probs[h, j] * mixed / 2
     return np.maximum(r_probs, 0).mean(0)[model.num_prefix_tokens :]
 
 
-@pytest.mark.parametrize("options", [dict(), dict(reg_tokens=1, depth=1, img_size=(16, 24))], ids=["2-blocks", "registers"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(reg_tokens=1, depth=1, img_size=(16, 24))], ids=["2-blocks", "registers"]
+)
 def test_partial_lrp_equals_the_worked_example(options: dict) -> None:
     model = tiny_vit(**options)
     images = images_for(model)
@@ -101,7 +104,8 @@ def test_partial_lrp_conserves_relevance_through_the_head() -> None:
     from ctcdam.explain.lrp import alpha1_beta0
 
     generator = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(5, 8, generator=generator, dtype=torch.float64), torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    x = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 8, generator=generator, dtype=torch.float64)
     relevance = torch.rand(5, 3, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(alpha1_beta0(x, weight, relevance).sum(-1), relevance.sum(-1), rtol=1e-7, atol=0)
 

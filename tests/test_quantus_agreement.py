@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import quantus  # a dev extra (pyproject.toml): imported plainly so that a missing install fails, never skips
 import torch
 from torch import nn
 
 from ctcdam.explain import explain, metrics
 from tests.fixtures_explain import images_for, tiny_vit
-
-quantus = pytest.importorskip("quantus")  # a dev extra; skipped with this message where it is not installed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

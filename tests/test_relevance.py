@@ -41,7 +41,11 @@ def paper_rp(model: torch.nn.Module, image: torch.Tensor, target: int | torch.Te
 
 @pytest.mark.parametrize(
     "options",
-    [dict(patch_size=8), dict(patch_size=16, img_size=32, depth=3), dict(patch_size=8, reg_tokens=2, img_size=(24, 40))],
+    [
+        dict(patch_size=8),
+        dict(patch_size=16, img_size=32, depth=3),
+        dict(patch_size=8, reg_tokens=2, img_size=(24, 40)),
+    ],
     ids=["patch8", "patch16-depth3", "registers"],
 )
 def test_rp_equals_the_paper_equations(options: dict) -> None:

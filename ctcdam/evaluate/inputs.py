@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,20 @@ import torch
 from monai.transforms import Resize
 
 from ctcdam.data.geometry import dilate_mask
-from ctcdam.manifest.schema import read_crop, read_manifest
 from ctcdam.data.transforms import InputConfig, to_model_input
 from ctcdam.data.views import centre_index, view_slice
 from ctcdam.explain import metrics
+from ctcdam.manifest.schema import read_crop, read_manifest
 from ctcdam.models.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 
 #: Air: the insertion baseline, in HU (the lower end of the lung window).
 AIR_HU = -1000.0
+
+
+#: Manifest columns naming a nodule's cause masks (the known-cause set): ``cause_<name>_path``.
+CAUSE_PREFIX, CAUSE_SUFFIX = "cause_", "_path"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,11 @@ class NoduleViews:
     nodule_id: str
     slices_hu: np.ndarray  #: (V, h, w)
     inside: torch.Tensor | None  #: (V, grid_h, grid_w) bool, None without a consensus mask
+    #: Tokens inside each dilated cause mask (name -> (V, grid_h, grid_w)); empty outside the known-cause set.
+    causes: dict[str, torch.Tensor] = field(default_factory=dict)
+    label: float = float("nan")  #: malignancy label (NaN: ambiguous)
+    diameter_mm: float = float("nan")
+    pixel_mm: float = 1.0  #: crop voxel spacing in the view planes
 
 
 def test_fold_rows(loaded: LoadedModel, max_nodules: int | None = None) -> pd.DataFrame:
@@ -48,6 +57,8 @@ def test_fold_rows(loaded: LoadedModel, max_nodules: int | None = None) -> pd.Da
         )
     rows = frame.loc[ids[: max_nodules or None]].reset_index(drop=True)
     rows["mask_file"] = [_mask_file(manifest.parent, row) for row in rows.to_dict("records")]
+    for column in [c for c in rows.columns if c.startswith(CAUSE_PREFIX) and c.endswith(CAUSE_SUFFIX)]:
+        rows[column] = [_mask_file(manifest.parent, {"mask_path": row[column]}) for row in rows.to_dict("records")]
     return rows
 
 
@@ -89,8 +100,17 @@ def load_nodule(row: Mapping[str, Any], views: Sequence[str], input_config: Inpu
                 f"its crop {row['image_file']} ({geometry.shape} at {geometry.spacing_mm} mm)"
             )
         inside = mask_tokens(mask, geometry.spacing_mm, views, input_config, grid, dilation_mm)
+    causes = {}
+    for column in [c for c in row if str(c).startswith(CAUSE_PREFIX) and str(c).endswith(CAUSE_SUFFIX)]:
+        if row[column] is None:
+            continue
+        cause, _ = read_crop(row[column])
+        name = column[len(CAUSE_PREFIX):-len(CAUSE_SUFFIX)]
+        causes[name] = mask_tokens(cause, geometry.spacing_mm, views, input_config, grid, dilation_mm)
     slices = np.stack([view_slice(crop, v, centre_index(crop.shape, v)) for v in views]).astype(np.float32)
-    return NoduleViews(str(row["scan_id"]), str(row["nodule_id"]), slices, inside)
+    return NoduleViews(str(row["scan_id"]), str(row["nodule_id"]), slices, inside, causes,
+                       label=float(row.get("label", float("nan"))), diameter_mm=float(row.get("diameter_mm", float("nan"))),
+                       pixel_mm=float(geometry.spacing_mm[-1]))
 
 
 def load_nodules(rows: pd.DataFrame, views: Sequence[str], input_config: InputConfig, grid: tuple[int, int],

@@ -31,10 +31,24 @@ from tqdm.auto import tqdm
 
 from ctcdam.data.transforms import InputConfig, to_model_input
 from ctcdam.data.views import VIEWS
-from ctcdam.evaluate.inputs import NoduleViews, air_image, load_nodules, stack_inside, test_fold_rows
+from ctcdam.evaluate import ground_truth
+from ctcdam.evaluate.inputs import (
+    NoduleViews,
+    air_image,
+    load_nodules,
+    stack_inside,
+    test_fold_rows,
+)
 from ctcdam.evaluate.plots import plot_curves, plot_metric_bars
 from ctcdam.evaluate.summary import method_table, summary_markdown
-from ctcdam.explain import explain, list_methods, method_info, method_infos, metrics, vit
+from ctcdam.explain import (
+    explain,
+    list_methods,
+    method_info,
+    method_infos,
+    metrics,
+    vit,
+)
 from ctcdam.io import write_csv, write_text
 from ctcdam.models.checkpoint import load_for_inference
 from ctcdam.models.runs import resolve_device
@@ -48,7 +62,7 @@ DEFAULT_METHODS: tuple[str, ...] = tuple(
     info.name for info in sorted(method_infos(), key=lambda info: _FAMILY_ORDER.index(info.family))
 )
 ID_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target")
-METRIC_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *metrics.SCORE_COLUMNS, "seconds")
+METRIC_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *metrics.SCORE_COLUMNS, *metrics.GROUND_TRUTH_COLUMNS, "seconds")
 CLASS_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target_a", "target_b", "pearson")
 SANITY_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "stage", "spearman")
 FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "stage", "reason")
@@ -172,6 +186,9 @@ def evaluate(config: EvaluationConfig) -> Path:
         "scale": ", ".join(f"{t} {s:.3g}" for t, s in zip(config.targets, scale.tolist())),
     }
     write_outputs(out, frames, curves, failures + run_failures, header)
+    if ground_truth.has_causes(nodules):
+        table = ground_truth.stratified_table(frames["metrics"], ground_truth.nodule_frame(nodules))
+        write_csv(out / "ground_truth.csv", table)
     log.info("evaluation written to %s", out)
     return out
 
@@ -209,7 +226,8 @@ def run_methods(
         )
         for method in config.methods:
             progress.set_postfix_str(method)
-            options = dict(config.method_options.get(method, {}))
+            options = {**ground_truth.control_options(method, members, input_config.img_size),
+                       **config.method_options.get(method, {})}
             try:
                 maps, scored, method_curves = score_method(model, batch, method, options, baseline, scale, config)
                 curves.add(method, method_curves, scale)
@@ -261,8 +279,11 @@ def score_method(
         model, batch.images, maps, indices, baseline, batch.inside, scale, step=config.step, removal=config.removal
     )
     keys = _row_keys(batch, method, config.views)
+    truth = (ground_truth.ground_truth_rows(maps, batch.nodules, method, targets)
+             if ground_truth.has_causes(batch.nodules) else [{} for _ in range(len(keys) * len(targets))])
     metric_rows = [
-        {**key, "target": target, **{name: float(values[b, t]) for name, values in scores.items()}, "seconds": seconds}
+        {**key, "target": target, **{name: float(values[b, t]) for name, values in scores.items()},
+         **truth[b * len(targets) + t], "seconds": seconds}
         for b, key in enumerate(keys) for t, target in enumerate(targets)
     ]
     correlation = metrics.target_correlation(maps.cpu())

@@ -9,7 +9,7 @@ import pandas as pd
 from scipy import stats
 
 from ctcdam.explain import list_methods, method_info
-from ctcdam.explain.metrics import SCORE_COLUMNS
+from ctcdam.explain.metrics import GROUND_TRUTH_COLUMNS, SCORE_COLUMNS
 from ctcdam.targets import MALIGNANCY
 
 #: Whether a larger value of a summary column is better (the summary bolds the best method per column).
@@ -17,12 +17,15 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "correctness": True, "auc_mif": False, "auc_lif": True, "insertion_auc": True, "near_zero_share": True,
     "gini": True, "localisation": True, "pointing_hit": True, "seconds": False,
     "r_malignancy_biomarker": False, "r_biomarker_biomarker": False, "sanity_rho": False,
+    "evidence_share": True, "evidence_lift": True, "counter_evidence_share": True, "cause_auroc": True,
 }
 #: Range of the bounded summary columns (their confidence intervals are clipped to it).
 COLUMN_BOUNDS: dict[str, tuple[float, float]] = {
     "near_zero_share": (0.0, 1.0), "gini": (0.0, 1.0), "localisation": (0.0, 1.0), "pointing_hit": (0.0, 1.0),
     "r_malignancy_biomarker": (0.0, 1.0), "r_biomarker_biomarker": (0.0, 1.0), "sanity_rho": (0.0, 1.0),
     "spearman": (-1.0, 1.0), "seconds": (0.0, np.inf),
+    "evidence_share": (0.0, 1.0), "counter_evidence_share": (0.0, 1.0), "cause_auroc": (0.0, 1.0),
+    "evidence_lift": (0.0, np.inf),
 }
 
 
@@ -63,7 +66,8 @@ def per_nodule(frame: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFram
 
 def method_table(metrics_frame: pd.DataFrame, class_frame: pd.DataFrame, sanity_frame: pd.DataFrame) -> pd.DataFrame:
     """One row per method and summary column: mean, low, high, n over nodules (long format)."""
-    columns = [*SCORE_COLUMNS, "seconds"]
+    truth = [c for c in GROUND_TRUTH_COLUMNS if c in metrics_frame.columns and metrics_frame[c].notna().any()]
+    columns = [*SCORE_COLUMNS, *truth, "seconds"]
     parts = [per_nodule(metrics_frame, columns)]
     if not class_frame.empty:
         is_malignancy = class_frame["target_a"].eq(MALIGNANCY) | class_frame["target_b"].eq(MALIGNANCY)

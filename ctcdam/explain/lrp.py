@@ -90,7 +90,8 @@ def partial_lrp_unsupported(model: VisionTransformer) -> str | None:
     if type(block.mlp).forward is not Mlp.forward or not isinstance(block.mlp.fc1, nn.Linear):
         return f"the last MLP is a {type(block.mlp).__name__}, not timm's two-layer Mlp"
     if not isinstance(model.head, (nn.Linear, nn.Identity)) or not isinstance(model.fc_norm, nn.Identity):
-        return f"the head is a {type(model.head).__name__} (with fc_norm {type(model.fc_norm).__name__}), not one linear layer"
+        head, norm = type(model.head).__name__, type(model.fc_norm).__name__
+        return f"the head is a {head} (with fc_norm {norm}), not one linear layer"
     return None
 
 
@@ -122,10 +123,10 @@ def partial_lrp_scores(model: VisionTransformer, x: Tensor, weights: TargetWeigh
     # Relevance, (R, T, ...) for every image row and target, from 1 at the output down to A.
     target_weights = _embedding_weights(model, weights)  # (T, D)
     # alpha1_beta0 of a relevance of 1 through each target's weight row, for all targets at once: (R, T, D).
-    contributions = (
-        embedding.clamp(min=0)[:, None] * target_weights.clamp(min=0) + embedding.clamp(max=0)[:, None] * target_weights.clamp(max=0)
-    )
-    relevance = contributions * safe_divide(torch.ones_like(contributions[..., :1]), contributions.sum(-1, keepdim=True))
+    positive = embedding.clamp(min=0)[:, None] * target_weights.clamp(min=0)
+    contributions = positive + embedding.clamp(max=0)[:, None] * target_weights.clamp(max=0)
+    unit = torch.ones_like(contributions[..., :1])
+    relevance = contributions * safe_divide(unit, contributions.sum(-1, keepdim=True))
     # (the final norm and the CLS pooling pass the embedding's relevance unchanged to the CLS row)
     on_x1, on_mlp = lrp_split(x1[:, None], mlp_out[:, None], relevance)
     on_hidden = alpha1_beta0(hidden[:, None], block.mlp.fc2.weight, on_mlp)

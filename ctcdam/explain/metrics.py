@@ -426,7 +426,7 @@ def area_share(inside: Tensor) -> Tensor:
 
 
 def evidence_share(maps: Tensor, inside: Tensor) -> Tensor:
-    """Share of positive relevance (B, T) on the evidence tokens (B, gh, gw); NaN without positive relevance or evidence."""
+    """Share of positive relevance (B, T) on the evidence tokens (B, gh, gw); NaN without positive relevance or them."""
     return positive_share_inside(maps, inside)
 
 

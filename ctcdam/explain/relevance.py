@@ -1,8 +1,9 @@
 """RP: relevance propagation by gradient-weighted attention rollout (Chefer et al. 2021), batched, target-specific.
 
 Definition (Chefer, Gur & Wolf, "Generic Attention-model Explainability for Interpreting Bi-Modal and
-Encoder-Decoder Transformers", ICCV 2021; the "RP" baseline of the CDAM paper, reference ``method="grad"``): for
-each block b, A_b is the softmax attention (heads, n, n) and G_b = d target / d A_b;
+Encoder-Decoder Transformers", ICCV 2021; the "RP" baseline of the CDAM paper, whose reference code rebuilds
+Chefer's ViT and backpropagates the one-hot logit): for each block b, A_b is the softmax attention
+(heads, n, n) and G_b = d target / d A_b (a raw output, or a concept similarity, as for every method here);
 
     Abar_b = mean over heads of max(G_b * A_b, 0),      R = I,   R <- R + Abar_b R   for b = 1 .. L,
 

@@ -83,7 +83,7 @@ DEFAULT_SCANS: tuple[str, ...] = (
 )
 
 
-def _write_default_scan(scan_id: str, root: Path) -> str:
+def _write_default_scan(scan_id: str, root: Path, known_cause_seed: int | None = None) -> str:
     write_synthetic_series(
         scan_id,
         root,
@@ -92,18 +92,19 @@ def _write_default_scan(scan_id: str, root: Path) -> str:
         seed=DEFAULT_SEED,
         noise_sd=DEFAULT_NOISE_SD,
         cover_min_annotations=DEFAULT_COVER_MIN_ANNOTATIONS,
+        known_cause_seed=known_cause_seed,
     )
     return scan_id
 
 
-def _missing_scans(root: Path, scan_ids: Sequence[str]) -> list[str]:
+def _missing_scans(root: Path, scan_ids: Sequence[str], known_cause_seed: int | None) -> list[str]:
     """Scans whose series is absent; a present one is checked against the default settings (cheap)."""
     from ctcdam.lidc.pylidc_compat import get_scan
 
     missing = []
     for scan_id in scan_ids:
         if series_dir(get_scan(scan_id), root, "uid").is_dir():
-            _write_default_scan(scan_id, root)  # returns at once, or says that the settings changed
+            _write_default_scan(scan_id, root, known_cause_seed)  # returns at once, or says the settings changed
         else:
             missing.append(scan_id)
     return missing
@@ -115,11 +116,16 @@ def ensure_default_dicom(
     *,
     scan_ids: Sequence[str] = DEFAULT_SCANS,
     workers: int | None = None,
+    dirname: str = DEFAULT_DIRNAME,
+    known_cause_seed: int | None = None,
 ) -> Path:
-    """Generate the missing default scans into <cache_dir>/synthetic-lidc/ and return that LIDC root."""
-    root = Path(cache_dir) / DEFAULT_DIRNAME
+    """Generate the missing default scans into <cache_dir>/<dirname>/ and return that LIDC root.
+
+    ``known_cause_seed`` writes the known-cause set's painting instead (``ctcdam.synthetic.known_cause``).
+    """
+    root = Path(cache_dir) / dirname
     root.mkdir(parents=True, exist_ok=True)
-    missing = _missing_scans(root, scan_ids)
+    missing = _missing_scans(root, scan_ids, known_cause_seed)
     if not missing:
         return root
     workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))
@@ -128,7 +134,7 @@ def ensure_default_dicom(
         if workers == 1:
             for scan_id in missing:
                 try:
-                    _write_default_scan(scan_id, root)
+                    _write_default_scan(scan_id, root, known_cause_seed)
                 except Exception as error:  # noqa: BLE001  (reported together below)
                     failures[scan_id] = f"{type(error).__name__}: {error}"
                 bar.update()
@@ -136,7 +142,7 @@ def ensure_default_dicom(
             # spawn, not fork: pylidc keeps one SQLite session per process, which must not be shared.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = {pool.submit(_write_default_scan, scan_id, root): scan_id for scan_id in missing}
+                futures = {pool.submit(_write_default_scan, scan_id, root, known_cause_seed): scan_id for scan_id in missing}
                 for future in as_completed(futures):
                     error = future.exception()
                     if error is not None:

@@ -3,10 +3,11 @@
 The same real LIDC annotation geometry and phantom chest as the default set, but every nodule with at least
 three annotations carries, independently of its size and drawn from a seeded generator per nodule:
 
-- **spicules** (p = 0.5): 5-7 thin soft-tissue spikes (radius 1.1 mm, 6-10 mm long) from one part of the margin
-  (within +-60 degrees of one direction), as fins through the nodule's z extent: the evidence of malignancy;
-- **popcorn calcification** (p = 0.35): 2-3 calcified foci (500 HU, radius 1.5-3 mm) inside the nodule, off its
-  centre: the benign pattern, which overrides the spicules;
+- **spicules** (p = 0.5): 6 thin soft-tissue spikes (radius 1.1 mm, 6-10 mm long) from one part of the margin
+  (within +-60 degrees of one direction), two in each view plane, extruded as fins through the nodule's
+  extent, so every slice of every view through the nodule shows them: the evidence of malignancy;
+- **popcorn calcification** (p = 0.35): 3 calcified foci (500 HU, radius 1.5-3 mm) inside the nodule, off its
+  centre, one in each central view plane: the benign pattern, which overrides the spicules;
 - **a vessel** (p = 0.5): a soft-tissue tube (radius 1.5 mm) running cranio-caudally 3-6 mm outside the margin:
   a distractor that carries no label information.
 
@@ -32,7 +33,7 @@ from ctcdam.lidc.pylidc_compat import consensus
 from ctcdam.synthetic.phantom import CONSENSUS_LEVEL, SOFT_TISSUE_HU, TEXTURE_HU, PaintedNodule
 
 #: Bump when the painting changes: series written by another version are refused, never reused.
-KNOWN_CAUSE_VERSION = 2
+KNOWN_CAUSE_VERSION = 3
 #: Probabilities of the signs, each drawn independently per nodule.
 P_SPICULES, P_CALCIFIED, P_VESSEL = 0.5, 0.35, 0.5
 SPICULE_HU, CALCIFIED_FOCUS_HU, VESSEL_HU = 20, 500, SOFT_TISSUE_HU
@@ -40,32 +41,126 @@ SPICULE_HU, CALCIFIED_FOCUS_HU, VESSEL_HU = 20, 500, SOFT_TISSUE_HU
 SPICULE_RADIUS_MM, VESSEL_RADIUS_MM = 1.1, 1.5
 #: Nodules with this many annotations get signs (the training population).
 MIN_ANNOTATIONS = 3
+#: Scans added to the default ones for the known-cause set: its labels do not depend on the readers' ratings, so
+#: any scan with nodules serves, and 120 scans (521 nodules) let a small ViT learn the signs. These are the 75
+#: scans with the most annotations after the default set, none with a known database quirk (selection.py).
+EXTRA_SCANS: tuple[str, ...] = (
+    "LIDC-IDRI-0855",
+    "LIDC-IDRI-0583",
+    "LIDC-IDRI-0164",
+    "LIDC-IDRI-0012",
+    "LIDC-IDRI-0858",
+    "LIDC-IDRI-0775",
+    "LIDC-IDRI-0770",
+    "LIDC-IDRI-0450",
+    "LIDC-IDRI-0870",
+    "LIDC-IDRI-0785",
+    "LIDC-IDRI-0402",
+    "LIDC-IDRI-0655",
+    "LIDC-IDRI-0998",
+    "LIDC-IDRI-0637",
+    "LIDC-IDRI-0491",
+    "LIDC-IDRI-0398",
+    "LIDC-IDRI-0871",
+    "LIDC-IDRI-0415",
+    "LIDC-IDRI-0298",
+    "LIDC-IDRI-0181",
+    "LIDC-IDRI-0742",
+    "LIDC-IDRI-0549",
+    "LIDC-IDRI-0356",
+    "LIDC-IDRI-0179",
+    "LIDC-IDRI-0011",
+    "LIDC-IDRI-0843",
+    "LIDC-IDRI-0489",
+    "LIDC-IDRI-0068",
+    "LIDC-IDRI-0042",
+    "LIDC-IDRI-0912",
+    "LIDC-IDRI-0582",
+    "LIDC-IDRI-0454",
+    "LIDC-IDRI-0394",
+    "LIDC-IDRI-0368",
+    "LIDC-IDRI-0334",
+    "LIDC-IDRI-0136",
+    "LIDC-IDRI-0046",
+    "LIDC-IDRI-0016",
+    "LIDC-IDRI-0961",
+    "LIDC-IDRI-0866",
+    "LIDC-IDRI-0806",
+    "LIDC-IDRI-0185",
+    "LIDC-IDRI-0039",
+    "LIDC-IDRI-0587",
+    "LIDC-IDRI-0135",
+    "LIDC-IDRI-0061",
+    "LIDC-IDRI-0027",
+    "LIDC-IDRI-0822",
+    "LIDC-IDRI-0671",
+    "LIDC-IDRI-0565",
+    "LIDC-IDRI-0111",
+    "LIDC-IDRI-0713",
+    "LIDC-IDRI-0601",
+    "LIDC-IDRI-0358",
+    "LIDC-IDRI-0346",
+    "LIDC-IDRI-0341",
+    "LIDC-IDRI-0305",
+    "LIDC-IDRI-0091",
+    "LIDC-IDRI-1002",
+    "LIDC-IDRI-0879",
+    "LIDC-IDRI-0838",
+    "LIDC-IDRI-0604",
+    "LIDC-IDRI-0149",
+    "LIDC-IDRI-0141",
+    "LIDC-IDRI-0118",
+    "LIDC-IDRI-0849",
+    "LIDC-IDRI-0741",
+    "LIDC-IDRI-0701",
+    "LIDC-IDRI-0577",
+    "LIDC-IDRI-0509",
+    "LIDC-IDRI-0437",
+    "LIDC-IDRI-0433",
+    "LIDC-IDRI-0386",
+    "LIDC-IDRI-0379",
+    "LIDC-IDRI-0300",
+)
 #: Cause mask names (files ``<nodule_id>_cause_<name>.nii.gz``) and what they mean for malignancy.
 CAUSES: dict[str, str] = {"spicules": "evidence", "calcification": "counter-evidence", "vessel": "distractor"}
 
 
 @dataclass(frozen=True)
 class Ribbon:
-    """A thin in-plane segment (x, y in mm) extended over a z range: one spike of a spiculated margin."""
+    """A thin segment in the plane of two LPS axes, extruded along the third over a range: one spike of a margin.
 
-    start_xy: tuple[float, float]
-    end_xy: tuple[float, float]
-    z_range: tuple[float, float]
+    ``axes`` = (a, b) are the plane's axes (0 = x, 1 = y, 2 = z); the spike is extruded along the remaining axis
+    over ``extent``, so every slice of the view orthogonal to that axis through the nodule shows it.
+    """
+
+    start: tuple[float, float]
+    end: tuple[float, float]
+    extent: tuple[float, float]
     radius: float
+    axes: tuple[int, int] = (0, 1)
+
+    @property
+    def normal_axis(self) -> int:
+        """The axis the spike is extruded along."""
+        return 3 - sum(self.axes)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Lowest and highest LPS corner of a box around it."""
-        xy = np.array([self.start_xy, self.end_xy])
-        return (np.array([*(xy.min(0) - self.radius), self.z_range[0]]),
-                np.array([*(xy.max(0) + self.radius), self.z_range[1]]))
+        ends = np.array([self.start, self.end])
+        low, high = np.zeros(3), np.zeros(3)
+        low[list(self.axes)], high[list(self.axes)] = ends.min(0) - self.radius, ends.max(0) + self.radius
+        low[self.normal_axis], high[self.normal_axis] = self.extent
+        return low, high
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Whether LPS points (N, 3) lie inside."""
-        a, b = np.asarray(self.start_xy), np.asarray(self.end_xy)
+        a, b = np.asarray(self.start), np.asarray(self.end)
         ab = b - a
-        t = np.clip(((points[:, :2] - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
-        distance = np.linalg.norm(points[:, :2] - (a + t[:, None] * ab), axis=1)
-        return (distance <= self.radius) & (points[:, 2] >= self.z_range[0]) & (points[:, 2] <= self.z_range[1])
+        planar = points[:, list(self.axes)]
+        t = np.clip(((planar - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        distance = np.linalg.norm(planar - (a + t[:, None] * ab), axis=1)
+        along = points[:, self.normal_axis]
+        return (distance <= self.radius) & (along >= self.extent[0]) & (along <= self.extent[1])
 
 
 @dataclass(frozen=True)
@@ -181,6 +276,10 @@ def texture_hu(cluster: Sequence[Any]) -> int:
     return int(round(float(np.interp(texture, np.arange(1, 6), TEXTURE_HU))))
 
 
+#: The planes of the axial, coronal and sagittal views, as pairs of LPS axes.
+_PLANES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+
+
 def _unit(angle: float) -> np.ndarray:
     return np.array([np.cos(angle), np.sin(angle)])
 
@@ -205,30 +304,35 @@ def plan_signs(
     radius = max(float(np.cbrt(len(points) * geometry.pixel_spacing**2 * geometry.slice_spacing * 3 / (4 * np.pi))),
                  1.0)
     half_slice = geometry.slice_spacing / 2
-    near_centre = points[np.abs(points[:, 2] - centre[2]) <= max(half_slice, 1.0)]
-    footprint = (near_centre if len(near_centre) else points)[:, :2]
     causes: dict[str, list[Primitive]] = {name: [] for name in CAUSES}
     # Draws happen whether or not a sign is painted, so each sign's layout does not depend on the others.
     azimuth = rng.uniform(0, 2 * np.pi)
-    spike_draws = [(azimuth + rng.uniform(-np.pi / 3, np.pi / 3), rng.uniform(6.0, 10.0))
-                   for _ in range(rng.integers(5, 8))]
-    focus_draws = [(rng.uniform(0, 2 * np.pi), rng.uniform(0.25, 0.55), rng.uniform(-0.5, 0.5))
-                   for _ in range(rng.integers(2, 4))]
+    spike_draws = [(azimuth + rng.uniform(-np.pi / 3, np.pi / 3), rng.uniform(6.0, 10.0)) for _ in range(6)]
+    focus_draws = [(rng.uniform(0, 2 * np.pi), rng.uniform(0.25, 0.55), rng.uniform(-0.5, 0.5)) for _ in range(3)]
     vessel_draw = (rng.uniform(0, 2 * np.pi), rng.uniform(3.0, 6.0), rng.uniform(-0.4, 0.4, size=2))
     if spicules:
-        # Fins through the nodule's whole z extent: every axial slice of the nodule shows the spiculated margin.
-        z_range = (float(points[:, 2].min()) - half_slice, float(points[:, 2].max()) + half_slice)
-        for angle, length in spike_draws:
+        # Fins in each of the three view planes, on the same side of the nodule and extruded through its whole
+        # extent along the plane's normal: every slice of every view through the nodule shows spikes.
+        for plane_index, (angle, length) in enumerate(spike_draws):
+            axes = _PLANES[plane_index % len(_PLANES)]
+            normal = 3 - sum(axes)
+            near = points[np.abs(points[:, normal] - centre[normal]) <= max(half_slice, 1.0)]
+            footprint = (near if len(near) else points)[:, list(axes)]
             direction = _unit(angle)
-            edge = _exit_distance(footprint, centre[:2], direction, geometry.pixel_spacing)
-            start = centre[:2] + direction * max(edge - 0.5, 0.0)
-            end = centre[:2] + direction * (edge + length)
-            causes["spicules"].append(Ribbon(tuple(start), tuple(end), z_range, SPICULE_RADIUS_MM))
+            planar_centre = centre[list(axes)]
+            edge = _exit_distance(footprint, planar_centre, direction, geometry.pixel_spacing)
+            start = planar_centre + direction * max(edge - 0.5, 0.0)
+            end = planar_centre + direction * (edge + length)
+            extent = (float(points[:, normal].min()) - half_slice, float(points[:, normal].max()) + half_slice)
+            causes["spicules"].append(Ribbon(tuple(start), tuple(end), extent, SPICULE_RADIUS_MM, axes))
     if calcified:
+        # One focus in each central view plane, off the centre: each view shows one.
         focus_radius = float(np.clip(0.3 * radius, 1.5, 3.0))
-        for angle, fraction, dz in focus_draws:
-            xy = centre[:2] + _unit(angle) * fraction * radius
-            focus = (float(xy[0]), float(xy[1]), float(centre[2] + dz * min(radius, 2 * half_slice)))
+        for plane_index, (angle, fraction, _) in enumerate(focus_draws):
+            axes = _PLANES[plane_index % len(_PLANES)]
+            offset = np.zeros(3)
+            offset[list(axes)] = _unit(angle) * fraction * radius
+            focus = tuple(float(v) for v in centre + offset)
             causes["calcification"].append(Ellipsoid(focus, focus_radius, max(focus_radius, half_slice + 0.5)))
     if vessel:
         angle, gap, tilt = vessel_draw

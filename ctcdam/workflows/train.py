@@ -71,6 +71,8 @@ DEFAULT_CONFIG = "demo.yaml"
 CHECKPOINT_NAME = "best"
 LAST_CHECKPOINT = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 MONITOR = "val/loss"
+#: Loggers that -v/-q set for the run (main() restores them: in-process callers keep theirs).
+_LOGGERS = ("ctcdam", "lightning.pytorch", "lightning.fabric")
 #: Bad arguments or inputs: one sentence and exit 2 (anything else is an unexpected failure, exit 1).
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     ArgumentError, ValueError, FileNotFoundError, WeightsUnavailableError, MisconfigurationException, io.OutputError,
@@ -211,7 +213,7 @@ class TrainCLI(LightningCLI):
         if verbose:
             logging.getLogger("ctcdam").setLevel(logging.DEBUG)
         if quiet:
-            for name in ("ctcdam", "lightning.pytorch", "lightning.fabric"):
+            for name in _LOGGERS:
                 logging.getLogger(name).setLevel(logging.WARNING)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -381,7 +383,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     argument raises argparse.ArgumentError, bad inputs ValueError / FileNotFoundError (see :func:`cli_main`).
     """
     argv = with_default_config(resolve_config_args(sys.argv[1:] if args is None else args))
-    threads = torch.get_num_threads()  # --threads applies to this run only (in-process callers keep theirs)
+    # --threads and -v/-q apply to this run only (in-process callers keep theirs)
+    threads = torch.get_num_threads()
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
     try:
         cli = _make_cli(argv)
         if cli.config.data.fold != "all":
@@ -401,6 +405,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         return pool_folds(run_dir) if is_global_zero else records[0]
     finally:
         torch.set_num_threads(threads)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
