@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) pipelines/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 clean-venv:

@@ -96,15 +96,17 @@ def _run_cdam(args: argparse.Namespace) -> dict:
 
 
 def _run_preprocess(args: argparse.Namespace) -> dict:
-    from ctcdam.preprocess.benchmark import benchmark_preprocess
+    from ctcdam.preprocess.benchmark import benchmark_preprocess, with_partial
     from ctcdam.synthetic.default import DEFAULT_SCANS
-    from ctcdam.workflows.defaults import full_length_dicom
+    from ctcdam.workflows.defaults import default_dicom, full_length_dicom
 
     if args.lidc_root is not None and not args.scans:
         raise ValueError("--preprocess with --lidc-root needs --scans (the scan ids to time)")
     scan_ids = args.scans or list(DEFAULT_SCANS[:3])
     lidc_root = args.lidc_root if args.lidc_root is not None else full_length_dicom(scan_ids)
     data = benchmark_preprocess(lidc_root, scan_ids)
+    if args.lidc_root is None:  # the same scans as the default set's partial series: ours_vs_read_partial
+        data = with_partial(data, benchmark_preprocess(default_dicom(progress=False), scan_ids))
     if not args.json:
         print(f"preprocessing of {', '.join(scan_ids)}")
         for name, ratio in data["ratios"].items():

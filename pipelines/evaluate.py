@@ -16,11 +16,21 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from ctcdam.cli.common import (
-    ArgumentParser, add_device, add_out, add_run, add_threads, add_verbosity, name_list, positive_int,
-    report_error, setup_logging, torch_threads,
+    ArgumentParser,
+    add_device,
+    add_out,
+    add_run,
+    add_threads,
+    add_verbosity,
+    name_list,
+    positive_int,
+    report_error,
+    setup_logging,
+    torch_threads,
 )
 from ctcdam.data.views import VIEWS
 from ctcdam.evaluate import DEFAULT_METHODS, EvaluationConfig, evaluate
+from ctcdam.io import OutputError
 from ctcdam.models.checkpoint import CheckpointError
 from ctcdam.models.runs import newest_checkpoint
 from ctcdam.targets import TARGETS
@@ -30,6 +40,8 @@ EXAMPLES = """\
   python pipelines/evaluate.py                                   # newest outputs/train/*/best.ckpt, every method
   python pipelines/evaluate.py --max-nodules 10 --methods cdam,smooth,attention,random
   python pipelines/evaluate.py --checkpoint outputs/train/lidc-20250101-120000/best.ckpt --targets malignancy,spiculation --device cuda
+  python pipelines/evaluate.py --benchmark known-cause --json    # painted causes: generates, trains, evaluates
+  python pipelines/evaluate.py --benchmark known-cause --depth 8 --max-nodules 40
 """
 
 
@@ -51,10 +63,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sanity-nodules", type=int, default=2, help="nodules in the re-initialisation test (default: %(default)s)")
     parser.add_argument("--removal", choices=("drop", "baseline"), default="drop",
                         help="deletion removes tokens from the sequence (drop) or pastes air patches (default: %(default)s)")
+    parser.add_argument("--benchmark", choices=("known-cause",),
+                        help="the known-cause benchmark: generate the painted set, train (or reuse) its model, evaluate "
+                             "every method against the cause masks (writes under OUT/known-cause/)")
+    parser.add_argument("--depth", type=positive_int, default=4, help="--benchmark: blocks of its ViT (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=60, help="--benchmark: training epochs (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="--benchmark: print one JSON object last")
     add_device(parser)
     add_threads(parser)
     add_verbosity(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json and not args.benchmark:
+        parser.error("--json goes with --benchmark")
+    return args
+
+
+def _run_benchmark(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from ctcdam.workflows.known_cause import BenchmarkSettings, run_benchmark
+
+    settings = BenchmarkSettings(
+        out_dir=args.out / "known-cause", checkpoint=args.checkpoint, depth=args.depth, epochs=args.epochs,
+        methods=tuple(args.methods) if args.methods else None, max_nodules=args.max_nodules,
+        sanity_nodules=args.sanity_nodules, device=args.device, threads=args.threads,
+    )
+    run_dir, summary = run_benchmark(settings)
+    console.print(f"known-cause benchmark written to {run_dir} (tables: {run_dir / 'ground_truth.csv'}, "
+                  f"{run_dir / 'summary.md'}; picture: {run_dir / 'known_cause.png'})", soft_wrap=True)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     setup_logging(args, logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
+        if args.benchmark:
+            return _run_benchmark(args, console)
         config = EvaluationConfig(
             checkpoint=args.checkpoint or newest_checkpoint(),
             out_dir=args.out, run=args.run, methods=args.methods or DEFAULT_METHODS, targets=args.targets, views=args.views,
@@ -71,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with torch_threads(args.threads):
             out = evaluate(config)
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, OutputError) as error:
         return report_error(PROG, error)
     console.print(f"evaluation written to {out} (summary: {out / 'summary.md'})", soft_wrap=True)
     return 0

@@ -13,12 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ctcdam.cli.common import (
-    ArgumentParser, add_device, add_out, add_threads, add_verbosity, name_list, positive_int, report_error,
-    setup_logging, torch_threads,
+    ArgumentParser,
+    add_device,
+    add_out,
+    add_threads,
+    add_verbosity,
+    name_list,
+    positive_int,
+    report_error,
+    setup_logging,
+    torch_threads,
 )
 from ctcdam.data.views import VIEWS
 from ctcdam.explain import list_methods, method_info
 from ctcdam.export.paths import BundleError
+from ctcdam.io import OutputError
 from ctcdam.targets import TARGETS
 from ctcdam.workflows.explain_run import run_explain
 
@@ -84,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome = run_explain(args.scan, args.out, checkpoint=args.checkpoint, lidc_root=args.lidc_root,
                                   method=args.method, targets=args.targets, views=args.views, volume=args.volume,
                                   concept=args.concept, method_options=options, device=args.device)
-    except (ValueError, FileNotFoundError, BundleError) as error:
+    except (ValueError, FileNotFoundError, BundleError, OutputError) as error:
         return report_error(PROG, error)
     print(outcome.summary())
     return 0

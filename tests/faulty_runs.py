@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,9 +33,11 @@ def faulty_preprocess(lidc_root: str, out: str, counter: str, at: int, kind: str
     run_preprocess(Path(lidc_root), Path(out), resume=True)
 
 
-def faulty_pipeline(script: str, argv: Sequence[str], counter: str, at: int, kind: str) -> None:
+def faulty_pipeline(script: str, argv: Sequence[str], counter: str, at: int, kind: str, stderr: str | None) -> None:
     """Run a ``pipelines/*.py`` command's ``main(argv)`` with the fault injected at write point ``at``."""
     _with_fault(counter, at, kind)
+    if stderr is not None:
+        sys.stderr = open(stderr, "w", buffering=1)  # noqa: SIM115  (the child's stderr, closed at its exit)
     spec = importlib.util.spec_from_file_location("pipeline_under_test", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -58,6 +61,9 @@ def run_faulty_preprocess(lidc_root: Path, out: Path, counter: Path, at: int, ki
     return _run_child(faulty_preprocess, (str(lidc_root), str(out), str(counter), at, kind), at)
 
 
-def run_faulty_pipeline(script: Path, argv: Sequence[str], counter: Path, at: int, kind: str = "kill") -> int:
-    """Exit code of a forked child running ``faulty_pipeline`` (-9: it was killed)."""
-    return _run_child(faulty_pipeline, (str(script), [str(a) for a in argv], str(counter), at, kind), at)
+def run_faulty_pipeline(
+    script: Path, argv: Sequence[str], counter: Path, at: int, kind: str = "kill", stderr: Path | None = None
+) -> int:
+    """Exit code of a forked child running ``faulty_pipeline`` (-9: it was killed); its stderr into ``stderr``."""
+    args = (str(script), [str(a) for a in argv], str(counter), at, kind, str(stderr) if stderr else None)
+    return _run_child(faulty_pipeline, args, at)

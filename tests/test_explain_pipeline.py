@@ -82,8 +82,8 @@ def soft_tissue_vit(input_config):
 def nodule_checkpoint(synthetic_lidc, synthetic_manifest, tmp_path_factory) -> Path:
     """A ctcdam checkpoint of the hand-built soft-tissue ViT, with the synthetic manifest as its training data."""
     from ctcdam.data.labels import BiomarkerScaler
-    from ctcdam.manifest.schema import biomarker_matrix, read_manifest
     from ctcdam.data.transforms import InputConfig
+    from ctcdam.manifest.schema import biomarker_matrix, read_manifest
     from ctcdam.models.checkpoint import checkpoint_record
 
     out_dir = Path(synthetic_manifest[0] if isinstance(synthetic_manifest, tuple) else synthetic_manifest)
@@ -286,11 +286,15 @@ def test_bundle_scene_markups_concept_and_report(bundle: Path):
 def test_maps_follow_an_off_centre_nodule_on_every_axis(nodule_checkpoint, synthetic_lidc):
     """A crop whose nodule sits 6 mm off centre along x, y and z: the 3D map's peak must follow it (a flipped axis
     would put the peak 12 mm away, outside the nodule)."""
-    from ctcdam.workflows.explain_scan import ExplainSettings, load_scan_series, nodule_maps
     from ctcdam.export.volumes import image_on_grid
     from ctcdam.lidc.crops import CropSpec, consensus_mask, crop_reference
     from ctcdam.lidc.nodules import scan_clusters
     from ctcdam.models.checkpoint import load_for_inference
+    from ctcdam.workflows.explain_scan import (
+        ExplainSettings,
+        load_scan_series,
+        nodule_maps,
+    )
 
     loaded = load_for_inference(nodule_checkpoint)
     scan, series = load_scan_series(SCAN, synthetic_lidc.root)
@@ -409,7 +413,10 @@ def test_killed_run_leaves_no_half_written_bundle(nodule_checkpoint, synthetic_l
     expected = _bundle_contents(reference / SCAN)
     # First write, middle, the last file published, the staged bundle complete, and (rewriting an existing
     # bundle) the old one set aside: the kill leaves either the finished bundle or none under its name.
-    for at, rewrite in [(1, False), (n_points // 2, False), (n_points - 2, False), (n_points - 1, False), (n_points, False),
+    # The rerun that must complete the bundle and clear the dead run's leftovers is checked once per kind of
+    # leftover (a half staging folder; an old bundle set aside): each costs a full bundle write.
+    rerun = {(n_points // 2, False), (n_points, True)}
+    for at, rewrite in [(1, False), (n_points // 2, False), (n_points - 1, False), (n_points, False),
                         (n_points - 1, True), (n_points, True)]:
         out = tmp_path / f"killed-{at}-{rewrite}"
         if rewrite:
@@ -420,10 +427,27 @@ def test_killed_run_leaves_no_half_written_bundle(nodule_checkpoint, synthetic_l
             assert _bundle_contents(out / SCAN) == expected, at  # the finished (old) bundle, never a half one
         else:
             assert not rewrite or at == n_points, "only the instant between set-aside and publish has no bundle"
+        if (at, rewrite) not in rerun:
+            continue
         assert _cli_main()([*map(str, argv), "--out", str(out)]) == 0
         assert _bundle_contents(out / SCAN) == expected, at
         assert sorted(p.name for p in out.iterdir()) == [SCAN], at  # the dead run's staging folders are gone
         assert not [p for p in out.rglob("*") if io.is_temporary(p)], at
+
+
+def test_a_full_disk_stops_explain_with_one_sentence_and_no_partial_bundle(nodule_checkpoint, synthetic_lidc, tmp_path):
+    from ctcdam import io
+    from tests.faulty_runs import run_faulty_pipeline
+
+    out = tmp_path / "out"
+    argv = ["--scan", SCAN, "--checkpoint", nodule_checkpoint, "--lidc-root", synthetic_lidc.root, "--targets",
+            "malignancy", "--no-volume", "--out", out]
+    # Write point 5: a few files into the staging folder, ENOSPC as a full disk raises it.
+    log = tmp_path / "stderr.txt"
+    status = run_faulty_pipeline(EXPLAIN_SCRIPT, argv, tmp_path / "count", 5, kind="enospc", stderr=log)
+    message = log.read_text().strip().splitlines()
+    assert status == 2 and len(message) == 1 and "No space left on device" in message[0], message
+    assert not (out / SCAN).exists() and not [p for p in out.rglob("*") if io.is_temporary(p)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 * ``summary.md``: mean and 95 % confidence interval per method and metric over nodules, the best in bold;
 * ``deletion_curves.png``, ``metrics.png``; ``failures.csv`` when a nodule or a method had to be skipped.
 
-Every file is written atomically (``ctcdam.io``). The metric definitions are in :mod:`ctcdam.explain.metrics`;
+The run folder is written as one unit (``ctcdam.io.atomic_dir``): after a kill it holds the finished run or
+none. The metric definitions are in :mod:`ctcdam.explain.metrics`;
 the choices made here: the central slice of each view (as at test time), the consensus mask dilated by 1 mm in
 3D before slicing, air (-1000 HU) as the insertion baseline, and each target's scale = the standard deviation
 of its output over all evaluated views.
@@ -49,7 +50,7 @@ from ctcdam.explain import (
     metrics,
     vit,
 )
-from ctcdam.io import write_csv, write_text
+from ctcdam.io import atomic_dir, write_csv, write_text
 from ctcdam.models.checkpoint import load_for_inference
 from ctcdam.models.runs import resolve_device
 from ctcdam.targets import TARGETS, target_index
@@ -169,13 +170,12 @@ def evaluate(config: EvaluationConfig) -> Path:
     loaded = load_for_inference(checkpoint, map_location=config.device)
     model, input_config = loaded.model, loaded.input_config
     out = Path(config.out_dir) / (config.run or default_run_name(checkpoint))
-    out.mkdir(parents=True, exist_ok=True)
     grid = vit.grid_size(model, (input_config.img_size, input_config.img_size))
     rows = test_fold_rows(loaded, config.max_nodules)
     nodules, failures = load_nodules(rows, config.views, input_config, grid, config.dilation_mm)
     if not nodules:
-        write_csv(out / "failures.csv", pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)))
-        raise RuntimeError(f"no test nodule of {checkpoint} could be loaded; see {out / 'failures.csv'}")
+        reasons = "; ".join(f"{f['nodule_id']}: {f['reason']}" for f in failures[:3])
+        raise ValueError(f"no test nodule of {checkpoint} could be loaded ({reasons})")
     scale = target_scale(model, nodules, input_config, config)
     log.info("target scales (std of each output over the evaluated views): %s",
              ", ".join(f"{t} {s:.4g}" for t, s in zip(config.targets, scale.tolist())))
@@ -185,10 +185,12 @@ def evaluate(config: EvaluationConfig) -> Path:
         "targets": ", ".join(config.targets), "removal": config.removal, "skipped": len(failures) + len(run_failures),
         "scale": ", ".join(f"{t} {s:.3g}" for t, s in zip(config.targets, scale.tolist())),
     }
-    write_outputs(out, frames, curves, failures + run_failures, header)
-    if ground_truth.has_causes(nodules):
-        table = ground_truth.stratified_table(frames["metrics"], ground_truth.nodule_frame(nodules))
-        write_csv(out / "ground_truth.csv", table)
+    # The run folder is one unit: staged, then published in one rename (a killed run leaves none, or the old one).
+    with atomic_dir(out) as staging:
+        write_outputs(staging, frames, curves, failures + run_failures, header)
+        if ground_truth.has_causes(nodules):
+            table = ground_truth.stratified_table(frames["metrics"], ground_truth.nodule_frame(nodules))
+            write_csv(staging / "ground_truth.csv", table)
     log.info("evaluation written to %s", out)
     return out
 

