@@ -67,6 +67,12 @@ def busiest_test_scan(checkpoint: Path) -> str:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
 
 
+def _known_cause_run(evaluate_dir: Path) -> Path:
+    """The newest evaluation run of the short known-cause benchmark."""
+    runs = sorted((evaluate_dir / "known-cause" / "evaluate").glob("*-45scans"), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else evaluate_dir / "known-cause" / "evaluate" / "(missing)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = ArgumentParser(PROG, __doc__, EXAMPLES)
@@ -115,6 +121,9 @@ def _demo(args: argparse.Namespace) -> int:
     timings["evaluate"] = run_step("evaluate (CDAM vs baselines on a test subset)",
                                    ["evaluate.py", "--checkpoint", str(checkpoint), "--max-nodules", str(args.eval_nodules),
                                     "--out", str(evaluate_dir), "--run", args.run, *shared])
+    timings["known-cause"] = run_step(
+        "known-cause benchmark, short version (painted causes; generates, trains, evaluates)",
+        ["evaluate.py", "--benchmark", "known-cause", "--quick", "--out", str(evaluate_dir), *shared])
     scan = busiest_test_scan(checkpoint)
     explain_dir = args.out / "explain"
     timings["explain"] = run_step(f"explain {scan}", ["explain.py", "--scan", scan, "--checkpoint", str(checkpoint),
@@ -125,6 +134,8 @@ def _demo(args: argparse.Namespace) -> int:
         "training metrics": run_dir / "metrics.json",
         "checkpoint": checkpoint,
         "evaluation summary": evaluate_dir / args.run / "summary.md",
+        "known-cause table": _known_cause_run(evaluate_dir) / "ground_truth.csv",
+        "known-cause picture": _known_cause_run(evaluate_dir) / "known_cause.png",
         "Slicer bundle": bundle,
         "Slicer scene (.mrb)": bundle / f"{scan}.mrb",
         "review script": bundle / "review.py",

@@ -1,6 +1,7 @@
 """The known-cause set: labels follow the painted signs, and each cause mask covers the voxels that were painted."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +77,23 @@ def test_the_set_is_reused_and_its_record_travels(known_cause, tmp_path_factory)
     assert set(other.columns) >= {"cause_spicules_path", "cause_calcification_path", "cause_vessel_path"}
 
 
-def test_evaluation_scores_every_method_against_the_cause_masks(known_cause, tmp_path):
-    from ctcdam.evaluate import EvaluationConfig, evaluate
+@pytest.fixture(scope="module")
+def known_cause_checkpoint(known_cause, tmp_path_factory) -> Path:
+    """A tiny ViT trained for two epochs on the five known-cause nodules."""
     from tests.fixtures_models import train_tiny
 
-    data, frame = known_cause
+    data, _ = known_cause
     # Two patients: folds group by nodule so that train, validation and test stay disjoint.
-    record = train_tiny(data.manifest, tmp_path / "train", "known-cause",
+    record = train_tiny(data.manifest, tmp_path_factory.mktemp("known-cause-train"), "known-cause",
                         ["--data.n_folds=2", "--data.val_fraction=0.45", "--data.group_by=nodule_id"])
+    return Path(record["checkpoint"])
+
+
+def test_evaluation_scores_every_method_against_the_cause_masks(known_cause_checkpoint, tmp_path):
+    from ctcdam.evaluate import EvaluationConfig, evaluate
+
     out = evaluate(EvaluationConfig(
-        checkpoint=Path(record["checkpoint"]), out_dir=tmp_path / "evaluate", methods=("cdam", "rp", "uniform", "centred_gaussian"),
+        checkpoint=known_cause_checkpoint, out_dir=tmp_path / "evaluate", methods=("cdam", "rp", "uniform", "centred_gaussian"),
         targets=("malignancy", "spiculation", "calcification", "texture"), sanity_nodules=0, progress=False,
     ))
     scores = pd.read_csv(out / "metrics.csv")
@@ -101,3 +109,18 @@ def test_evaluation_scores_every_method_against_the_cause_masks(known_cause, tmp
     assert cdam["cause_auroc"].between(0, 1).any()
     strata = pd.read_csv(out / "ground_truth.csv")
     assert {"all", "class", "diameter"} >= set(strata["stratum"]) and "all" in set(strata["stratum"])
+
+
+def test_the_benchmark_writes_its_json_and_picture(known_cause, known_cause_checkpoint, tmp_path):
+    from ctcdam.workflows.known_cause import BenchmarkSettings, run_benchmark
+
+    data, _ = known_cause
+    settings = BenchmarkSettings(out_dir=tmp_path, cache_dir=data.manifest.parent.parent, scans=SCANS,
+                                 checkpoint=known_cause_checkpoint, methods=("cdam", "uniform"), sanity_nodules=0)
+    run_dir, summary = run_benchmark(settings)
+    assert set(summary) == {"model", "methods"} and set(summary["methods"]) == {"cdam", "uniform"}
+    assert set(summary["methods"]["cdam"]) == {"evidence_share", "evidence_lift", "counter_evidence_share",
+                                                "cause_auroc", "correctness"}
+    assert summary["methods"]["uniform"]["counter_evidence_share"] is None  # unsigned: not expressible
+    assert (run_dir / "known_cause.png").stat().st_size > 10_000
+    assert json.loads((run_dir / "known_cause.json").read_text()) == summary

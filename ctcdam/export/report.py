@@ -1,10 +1,13 @@
 """The report of a bundle: ``report.png`` (overview of the scan) and ``nodule-<k>/report.png`` (one page per nodule).
 
-Every page is drawn at 100 dpi and sized so that it reads at 100 % without scrolling sideways: the overview
-holds one line per nodule (predictions beside the radiologists' values) and an axial thumbnail of each nodule
-with its malignancy map; a nodule page shows the CT in three views with the nodule's outline, the maps of
-malignancy and of the biomarkers the model finds most unusual for this nodule, and the full table of
-predictions beside the radiologists' values. Maps are drawn with the Slicer scene's rule (``ctcdam.export.colors``).
+Every page is sized so that it reads at 100 % without scrolling sideways: the overview holds one line per nodule
+(predictions beside the radiologists' values) and an axial thumbnail of each nodule with its malignancy map; a
+nodule page shows the CT in three views with the nodule's outline, the maps of malignancy and of the biomarkers
+the model finds most unusual for this nodule, and the full table of predictions beside the radiologists' values.
+Maps are drawn with the Slicer scene's rule (``ctcdam.export.colors``).
+
+A page is composed as one raster (numpy panels, Pillow text in matplotlib's DejaVu fonts) and saved once: a
+matplotlib figure with an axes per panel cost about 0.35 s per page, more than every NIfTI file of the bundle.
 """
 from __future__ import annotations
 
@@ -14,21 +17,25 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import ListedColormap, Normalize
-from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no global backend state
+from scipy import ndimage
 
 from ctcdam import io
 from ctcdam.data.views import VIEWS, centre_index, view_axis, view_slice
-from ctcdam.export.colors import FOREGROUND_OPACITY, TRANSPARENT_BAND, diverging_table, heat_rgba, nodule_color
+from ctcdam.export.colors import FOREGROUND_OPACITY, TRANSPARENT_BAND, heat_rgba, nodule_color
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.targets import BIOMARKERS, MALIGNANCY, TARGETS
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)  # level -600, width 1500
-DPI = 100
-PANEL_INCHES = 2.6
-TABLE_INCHES = 3.4
+#: Edge of a nodule page's panels and of the overview's thumbnails (pixels; many nodules: smaller thumbnails).
+PANEL_PX = 256
+SMALL_PANEL_PX = 160
 THUMBNAIL_COLUMNS = 4
+#: zlib level of the PNG pages: flat panels and text compress well at 3, at a fraction of the default's time.
+PNG_COMPRESS_LEVEL = 3
+_GAP = 8
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_FONTS = {"regular": "DejaVuSans.ttf", "bold": "DejaVuSans-Bold.ttf", "mono": "DejaVuSansMono.ttf"}
 
 
 def relevant_maps(nodule: NoduleResult, n_biomarkers: int = 2) -> list[str]:
@@ -60,11 +67,23 @@ def _mask_on_crop(nodule: NoduleResult) -> np.ndarray:
     return sitk.GetArrayFromImage(mask) > 0
 
 
-def _panel(axis, rgb: np.ndarray, view: str) -> None:
+def _font(kind: str, size: int):
+    """A DejaVu font of matplotlib's own data folder (no font search, the same glyphs on every machine)."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / _FONTS[kind]), size)
+
+
+def _display_rows(section: np.ndarray, view: str) -> np.ndarray:
     # axial (y, x): anterior up, patient right on the left; coronal/sagittal (z, .): superior up (as Slicer).
-    axis.imshow(rgb, origin="upper" if view == "axial" else "lower", interpolation="nearest")
-    axis.set_xticks([])
-    axis.set_yticks([])
+    return section if view == "axial" else section[::-1]
+
+
+def _upscale(image: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of a (h, w[, c]) section to about ``size`` pixels along its longer side."""
+    factor = max(1, size // max(image.shape[:2]))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
 def _ct_rgb(crop: np.ndarray, view: str) -> np.ndarray:
@@ -75,18 +94,35 @@ def _ct_rgb(crop: np.ndarray, view: str) -> np.ndarray:
 
 
 def _with_map(rgb: np.ndarray, values: np.ndarray | None, limit: float) -> np.ndarray:
-    """The CT with a map blended over it by the bundle's rule (one image per panel: cheap to draw)."""
+    """The CT with a map blended over it by the bundle's rule."""
     if values is None:
         return rgb
     heat = heat_rgba(values, limit, FOREGROUND_OPACITY)
     return rgb * (1.0 - heat[..., 3:]) + heat[..., :3] * heat[..., 3:]
 
 
-def _outline(axis, mask: np.ndarray, view: str, color) -> None:
-    section = view_slice(mask, view, centre_index(mask.shape, view)).astype(float)
-    if section.any():
-        axis.contour(section, levels=[0.5], colors=[color], linewidths=1.2,
-                     origin="upper" if view == "axial" else "lower")
+def _panel(rgb: np.ndarray, view: str, size: int, outline: np.ndarray | None = None, color=None) -> np.ndarray:
+    """One panel as uint8 RGB: the section in display orientation, enlarged, with the outline drawn 2 px wide
+    just inside the mask's boundary (so the nodule's inside shows the map)."""
+    image = _upscale(_display_rows(rgb, view), size)
+    if outline is not None and outline.any():
+        mask = _upscale(_display_rows(outline, view), size)
+        ring = mask & ~ndimage.binary_erosion(mask, iterations=2)
+        image = image.copy()
+        image[ring] = color
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _outline_section(mask: np.ndarray, view: str) -> np.ndarray:
+    return view_slice(mask, view, centre_index(mask.shape, view)).astype(bool)
+
+
+def _colorbar(height: int, limit: float, width: int = 14) -> np.ndarray:
+    """A vertical bar from +limit (top) to -limit (bottom) in the bundle's colours; the transparent band is white."""
+    values = np.linspace(limit, -limit, height)
+    heat = heat_rgba(values, limit, 1.0)
+    rgb = np.where(heat[:, 3:] > 0, heat[:, :3], 1.0)
+    return np.round(np.repeat(rgb[:, None, :], width, axis=1) * 255).astype(np.uint8)
 
 
 def _format(value: float | None) -> str:
@@ -106,18 +142,47 @@ def prediction_table(nodule: NoduleResult) -> str:
     return "\n".join(lines)
 
 
-def _colorbar(figure, axis, limit: float) -> None:
-    table = diverging_table() / 255.0
-    table[:, 3] = np.where(table[:, 3] > 0, 1.0, 0.0)
-    table[table[:, 3] == 0, :3] = 1.0  # the transparent band shows as white on the bar
-    mappable = ScalarMappable(norm=Normalize(vmin=-limit, vmax=limit), cmap=ListedColormap(table))
-    figure.colorbar(mappable, cax=axis).ax.tick_params(labelsize=7)
+def _wrapped(text: str, width: int) -> str:
+    """Text broken into lines of at most ``width`` characters (existing line breaks kept)."""
+    import textwrap
+
+    return "\n".join(line for paragraph in text.split("\n") for line in (textwrap.wrap(paragraph, width) or [""]))
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    with io.atomic_file(path) as temporary:
-        figure.savefig(temporary, dpi=DPI, format="png")
-    return Path(path)
+class _Page:
+    """A white page to paste panels on and write text into, saved once as PNG."""
+
+    def __init__(self, width: int, height: int):
+        from PIL import Image, ImageDraw
+
+        self.image = Image.new("RGB", (int(width), int(height)), _BACKGROUND)
+        self.draw = ImageDraw.Draw(self.image)
+        self._fonts: dict[tuple[str, int], object] = {}  # loaded once per page, not per line of text
+
+    def paste(self, pixels: np.ndarray, x: int, y: int) -> None:
+        from PIL import Image
+
+        self.image.paste(Image.fromarray(pixels), (int(x), int(y)))
+
+    def frame(self, x: int, y: int, width: int, height: int, color, thickness: int = 3) -> None:
+        rgb = tuple(int(round(255 * c)) for c in color)
+        self.draw.rectangle([x - thickness, y - thickness, x + width + thickness - 1, y + height + thickness - 1],
+                            outline=rgb, width=thickness)
+
+    def text(self, x: int, y: int, text: str, size: int = 13, kind: str = "regular", anchor: str = "la") -> None:
+        font = self._fonts.get((kind, size))
+        if font is None:
+            font = self._fonts[(kind, size)] = _font(kind, size)
+        self.draw.multiline_text((int(x), int(y)), text, fill=_TEXT, font=font, anchor=anchor, spacing=3)
+
+    def save(self, path: Path) -> Path:
+        with io.atomic_file(path) as temporary:
+            self.image.save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return Path(path)
+
+
+def _text_height(text: str, size: int) -> int:
+    return (text.count("\n") + 1) * (size + 4)
 
 
 def nodule_page(scan: ScanResult, nodule: NoduleResult, path: Path, n_biomarkers: int = 2) -> Path:
@@ -125,39 +190,40 @@ def nodule_page(scan: ScanResult, nodule: NoduleResult, path: Path, n_biomarkers
     shown = relevant_maps(nodule, n_biomarkers)
     crop = sitk.GetArrayFromImage(nodule.crop).astype(np.float32)
     outline, color = _mask_on_crop(nodule), nodule_color(nodule.index)
-    rows, bar = 1 + len(shown), 0.12
-    width = PANEL_INCHES * len(VIEWS) + bar + TABLE_INCHES + 0.9
-    height = PANEL_INCHES * rows + 0.25 * rows + 0.7
-    # A fixed grid (no layout engine: it costs more than the drawing): views, a colour-bar column, the table.
-    figure = Figure(figsize=(width, height))
-    grid = figure.add_gridspec(rows, len(VIEWS) + 2, width_ratios=[PANEL_INCHES] * len(VIEWS) + [bar, TABLE_INCHES],
-                               left=0.35 / width, right=1 - 0.1 / width, top=1 - 0.6 / height, bottom=0.1 / height,
-                               wspace=0.06, hspace=0.12)
+    panels = {view: _panel(_ct_rgb(crop, view), view, PANEL_PX, _outline_section(outline, view), color) for view in VIEWS}
+    size = max(max(p.shape[:2]) for p in panels.values())
+    label_h, bar_w, table_w, title_h = 22, 60, 330, 44
+    row_h = label_h + size + _GAP
+    width = _GAP + len(VIEWS) * (size + _GAP) + bar_w + table_w
+    height = title_h + row_h * (1 + len(shown)) + _GAP
+    page = _Page(width, height)
     status = "" if nodule.in_training_population else " (unlabelled: not used in training)"
-    figure.suptitle(f"{scan.scan_id} - nodule {nodule.index}: {nodule.nodule_id}{status}", fontsize=13,
-                    weight="bold", y=1 - 0.15 / height, va="top")
+    page.text(_GAP, 10, f"{scan.scan_id} - nodule {nodule.index}: {nodule.nodule_id}{status}", 17, "bold")
+    top = title_h
     for column, view in enumerate(VIEWS):
-        axis = figure.add_subplot(grid[0, column])
-        _panel(axis, _ct_rgb(crop, view), view)
-        _outline(axis, outline, view, color)
-        axis.set_title(f"CT {view}", fontsize=10)
+        x = _GAP + column * (size + _GAP)
+        page.text(x + size // 2, top + 2, f"CT {view}", 13, anchor="ma")
+        page.paste(panels[view], x, top + label_h)
     for row, name in enumerate(shown, start=1):
+        y = top + row * row_h
         maps = {view: _view_map(nodule, name, view) for view in VIEWS}
         limit = max((float(np.abs(m).max()) for m in maps.values() if m is not None), default=0.0) or 1e-12
+        page.text(_GAP, y + 2, f"CDAM {_target_label(name)}", 13, "bold")
         for column, view in enumerate(VIEWS):
-            axis = figure.add_subplot(grid[row, column])
-            _panel(axis, _with_map(_ct_rgb(crop, view), maps[view], limit), view)
-            if column == 0:
-                axis.set_ylabel(f"CDAM {_target_label(name)}", fontsize=10)
-        _colorbar(figure, figure.add_subplot(grid[row, len(VIEWS)]), limit)
-    text_axis = figure.add_subplot(grid[:, len(VIEWS) + 1])
-    text_axis.axis("off")
+            x = _GAP + column * (size + _GAP)
+            page.paste(_panel(_with_map(_ct_rgb(crop, view), maps[view], limit), view, PANEL_PX), x, y + label_h)
+        bar_x = _GAP + len(VIEWS) * (size + _GAP)
+        page.paste(_colorbar(size, limit), bar_x, y + label_h)
+        for fraction, value in ((0.0, limit), (0.5, 0.0), (1.0, -limit)):
+            page.text(bar_x + 18, y + label_h + int(fraction * (size - 12)), f"{value:.2g}", 11)
+    table_x = width - table_w + 10
+    page.text(table_x, top + label_h, prediction_table(nodule), 13, "mono")
     legend = (f"red = evidence for the target,\nblue = counter-evidence;\n|map| < {TRANSPARENT_BAND:.0%} of its max"
               f" not drawn.\nOutline: consensus of the readers.\nMethod: {scan.method}")
-    note = f"\n\n{nodule.note}" if nodule.note else ""
-    text_axis.text(0.2, 1.0, prediction_table(nodule), family="monospace", fontsize=10, va="top")
-    text_axis.text(0.2, 0.55, legend + note, fontsize=9, va="top", wrap=True)
-    return _save(figure, path)
+    note = f"\n\n{_wrapped(nodule.note, 38)}" if nodule.note else ""
+    table_height = _text_height(prediction_table(nodule), 13)
+    page.text(table_x, top + label_h + table_height + 24, legend + note, 12)
+    return page.save(path)
 
 
 def overview_page(scan: ScanResult, path: Path, pages: Mapping[int, str] | None = None) -> Path:
@@ -165,45 +231,45 @@ def overview_page(scan: ScanResult, path: Path, pages: Mapping[int, str] | None 
     nodules = scan.nodules
     # Many nodules: more, smaller thumbnails, so the page stays about one screen high.
     columns = min(THUMBNAIL_COLUMNS if len(nodules) <= 12 else 2 * THUMBNAIL_COLUMNS, len(nodules))
-    panel = PANEL_INCHES if len(nodules) <= 12 else PANEL_INCHES * 0.6
-    thumbnail_rows = math.ceil(len(nodules) / columns)
-    table_inches = 0.3 + 0.165 * (len(nodules) + 2)
-    width = max(panel * columns + 0.2, 9.0)
-    height = 0.5 + table_inches + (panel + 0.3) * thumbnail_rows
-    figure = Figure(figsize=(width, height))
-    grid = figure.add_gridspec(1 + thumbnail_rows, columns, height_ratios=[table_inches] + [panel] * thumbnail_rows,
-                               left=0.1 / width, right=1 - 0.1 / width, top=1 - 0.45 / height, bottom=0.05 / height,
-                               wspace=0.05, hspace=0.3 / panel)
-    figure.suptitle(f"{scan.scan_id}: {len(nodules)} nodule(s), CDAM ({scan.method}); red = evidence, "
-                    f"blue = counter-evidence", fontsize=12, weight="bold", y=1 - 0.1 / height, va="top")
+    panel_px = PANEL_PX if len(nodules) <= 12 else SMALL_PANEL_PX
     header = f"{'nodule':<8}{'id':<22}{'p(malig.)':>10}{'readers':>9}{'diam. mm':>10}{'readers':>9}  page"
     lines = [header]
     for nodule in nodules:
-        page = (pages or {}).get(nodule.index, "")
+        page_file = (pages or {}).get(nodule.index, "")
         lines.append(f"{nodule.index:<8}{nodule.nodule_id + ('' if nodule.in_training_population else ' *'):<22}"
                      f"{_format(nodule.predictions.get(MALIGNANCY)):>10}"
                      f"{_format(nodule.radiologists.get(MALIGNANCY)):>9}"
                      f"{_format(nodule.predictions.get('diameter')):>10}"
-                     f"{_format(nodule.radiologists.get('diameter')):>9}  {page}")
+                     f"{_format(nodule.radiologists.get('diameter')):>9}  {page_file}")
     if any(not n.in_training_population for n in nodules):
         lines.append("* unlabelled: fewer readers than training requires")
-    table_axis = figure.add_subplot(grid[0, :])
-    table_axis.axis("off")
-    table_axis.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=9, va="top")
-    for k, nodule in enumerate(nodules):
-        axis = figure.add_subplot(grid[1 + k // columns, k % columns])
+    table = "\n".join(lines)
+    thumbnails = []
+    for nodule in nodules:
         crop = sitk.GetArrayFromImage(nodule.crop).astype(np.float32)
         values = _view_map(nodule, MALIGNANCY, "axial")
         limit = float(np.abs(values).max()) or 1e-12 if values is not None else 1.0
-        _panel(axis, _with_map(_ct_rgb(crop, "axial"), values, limit), "axial")
-        _outline(axis, _mask_on_crop(nodule), "axial", nodule_color(nodule.index))
-        axis.set_title(f"nodule {nodule.index}: p(malig.) {_format(nodule.predictions.get(MALIGNANCY))}"
-                       f" (readers {_format(nodule.radiologists.get(MALIGNANCY))})",
-                       fontsize=9 if panel == PANEL_INCHES else 7)
-        for spine in axis.spines.values():  # the frame in the nodule's outline colour, as in Slicer
-            spine.set_edgecolor(nodule_color(nodule.index))
-            spine.set_linewidth(2.5)
-    return _save(figure, path)
+        thumbnails.append(_panel(_with_map(_ct_rgb(crop, "axial"), values, limit), "axial", panel_px,
+                                 _outline_section(_mask_on_crop(nodule), "axial"), nodule_color(nodule.index)))
+    size = max((t.shape[0] for t in thumbnails), default=panel_px)
+    font = 13 if panel_px == PANEL_PX else 11
+    title_h, table_h, label_h, frame = 40, _text_height(table, 13) + 16, font + 10, 3
+    cell = size + 2 * frame + _GAP
+    rows = math.ceil(len(nodules) / columns)
+    width = max(_GAP + columns * cell, 900)
+    height = title_h + table_h + rows * (label_h + cell) + _GAP
+    page = _Page(width, height)
+    page.text(_GAP, 10, f"{scan.scan_id}: {len(nodules)} nodule(s), CDAM ({scan.method}); red = evidence, "
+                        "blue = counter-evidence", 16, "bold")
+    page.text(_GAP, title_h, table, 13, "mono")
+    for k, (nodule, thumbnail) in enumerate(zip(nodules, thumbnails)):
+        x = _GAP + frame + (k % columns) * cell
+        y = title_h + table_h + (k // columns) * (label_h + cell)
+        page.text(x, y, f"nodule {nodule.index}: p(malig.) {_format(nodule.predictions.get(MALIGNANCY))}"
+                        f" (readers {_format(nodule.radiologists.get(MALIGNANCY))})", font)
+        page.paste(thumbnail, x, y + label_h + frame)
+        page.frame(x, y + label_h + frame, thumbnail.shape[1], thumbnail.shape[0], nodule_color(nodule.index))
+    return page.save(path)
 
 
 def write_report(scan: ScanResult, path: Path, nodule_pages: Mapping[int, Path] | None = None,

@@ -96,9 +96,9 @@ def load_scan_series(scan_id: str, lidc_root: Path, config: PreprocessConfig | N
     return loaded.scan, loaded.series
 
 
-def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root: Path) -> dict[str, str]:
-    """Crop files of the training manifest for this scan's nodules, by nodule id: empty unless the scan is read from
-    the checkpoint's own DICOM root (another root's voxels may differ) and the manifest is still readable."""
+def training_crop_files(loaded: LoadedModel, lidc_root: Path) -> dict[str, dict[tuple[str, str], str]]:
+    """Crop files of the training manifest by scan id, then by (series UID, nodule id): empty unless the scans are
+    read from the checkpoint's own DICOM root (another root's voxels may differ) and the manifest is still readable."""
     recorded, manifest = loaded.data.get("lidc_root"), loaded.data.get("manifest")
     if not recorded or not manifest or Path(recorded).resolve() != Path(lidc_root).resolve():
         return {}
@@ -107,10 +107,21 @@ def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root:
     except (FileNotFoundError, ManifestError) as error:
         log.warning("training crops unavailable, cropping again with the trained settings: %s", error)
         return {}
-    rows = frame[frame["scan_id"] == scan_id]
-    if "series_uid" in rows.columns:
-        rows = rows[rows["series_uid"] == series_uid]
-    return dict(zip(rows["nodule_id"].astype(str), rows["image_file"]))
+    series = frame["series_uid"] if "series_uid" in frame.columns else [""] * len(frame)
+    files: dict[str, dict[tuple[str, str], str]] = {}
+    for scan_id, series_uid, nodule_id, file in zip(frame["scan_id"], series, frame["nodule_id"], frame["image_file"]):
+        files.setdefault(str(scan_id), {})[(str(series_uid or ""), str(nodule_id))] = file
+    return files
+
+
+def _crops_of_series(files: dict[tuple[str, str], str], series_uid: str) -> dict[str, str]:
+    """The training crops of one series by nodule id (a manifest without series UIDs matches any series)."""
+    return {nodule: file for (series, nodule), file in files.items() if series in ("", series_uid)}
+
+
+def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root: Path) -> dict[str, str]:
+    """Crop files of the training manifest for this scan's nodules, by nodule id (see :func:`training_crop_files`)."""
+    return _crops_of_series(training_crop_files(loaded, lidc_root).get(scan_id, {}), series_uid)
 
 
 def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
@@ -120,28 +131,93 @@ def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 @dataclass(frozen=True)
-class _Nodule:
-    """A nodule ready to explain: its place in the scan's pipeline, its HU crop and where that crop came from."""
+class PrepareSpec:
+    """What loading and cropping a scan needs from the checkpoint and the settings (no model: it travels to the
+    worker processes of a cohort run)."""
+
+    lidc_root: Path
+    config: PreprocessConfig
+    input_config: InputConfig
+    views: tuple[str, ...]
+    volume: bool
+    training_crops: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)  # by scan id
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> PrepareSpec:
+        """The spec of a checkpoint's trained settings, with the training crops of ``lidc_root``."""
+        return cls(lidc_root=Path(lidc_root), config=trained_config(loaded), input_config=loaded.input_config,
+                   views=tuple(settings.views), volume=settings.volume,
+                   training_crops=training_crop_files(loaded, lidc_root))
+
+
+@dataclass(frozen=True)
+class PreparedNodule:
+    """A nodule ready for the model: identity, the readers' labels, its masks and HU crop, and the model inputs
+    (every slice of every view, or the centre slices, as ``rows`` says per view)."""
 
     index: int  # 1-based position among the scan's explained nodules
-    nodule: ScanNodule
+    nodule_id: str
+    centroid_lps: tuple[float, float, float]
+    in_training_population: bool
+    labels: Mapping[str, Any]
+    note: str
+    mask: sitk.Image  # the consensus mask on the scan's own voxels
     crop: sitk.Image
     from_training: bool  # the crop was read from the training manifest, not cut again
+    inputs: np.ndarray  # (n_images, 3, H, W) float32
+    rows: Mapping[str, np.ndarray]  # per view: the slice indices whose images are in ``inputs``, in view order
 
 
-def _nodules_to_explain(
-    loaded: LoadedModel, scan: Any, scan_id: str, series: LoadedSeries, lidc_root: Path, config: PreprocessConfig
-) -> tuple[list[_Nodule], list[dict[str, str]]]:
-    """Every croppable cluster of the scan (those outside the training population too) with its crop, and the
-    clusters that cannot be cropped (outside a partial series, empty consensus) with the reason."""
-    nodules, rejected = scan_nodules(scan, scan_id, series, config, training_population_only=False)
-    files = trained_crops(loaded, scan_id, str(scan.series_instance_uid), lidc_root)
-    chosen = []
+@dataclass(frozen=True)
+class PreparedScan:
+    """A scan loaded and cropped: its CT, its nodules, the clusters that cannot be cropped, and what it cost."""
+
+    scan_id: str
+    ct: sitk.Image
+    nodules: tuple[PreparedNodule, ...]
+    skipped: tuple[dict[str, str], ...]
+    seconds: Mapping[str, float]  # load (series, clusters, consensus) and crop (crops, model inputs)
+
+
+def model_inputs(crop_hu: np.ndarray, input_config: InputConfig, views: Sequence[str],
+                 volume: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The model inputs of one (z, y, x) HU crop: every slice of every view (``volume``) or each view's centre slice."""
+    crop_hu = np.asarray(crop_hu, dtype=np.float32)
+    rows = {view: np.arange(crop_hu.shape[view_axis(view)]) if volume else np.array([centre_index(crop_hu.shape, view)])
+            for view in views}
+    images = torch.cat([to_model_input(view_stack(crop_hu, view)[rows[view]], input_config) for view in views])
+    return images.numpy(), rows
+
+
+def _note(nodule: ScanNodule) -> str:
+    """Why training leaves the nodule out (if it does) and the notes of its labels."""
+    problem = nodule.selection_problem
+    return "; ".join([*(["unlabelled: " + problem] if problem else []), *nodule.notes])
+
+
+def prepare_scan(scan_id: str, spec: PrepareSpec) -> PreparedScan:
+    """Load a scan, take its nodules' crops as training did (the manifest's, or cut with the trained settings) and
+    build the model inputs; every croppable cluster is kept, those outside the training population too."""
+    start = time.perf_counter()
+    check_scan_present(scan_id, spec.lidc_root)
+    loaded_scan = load_scan(scan_id, spec.lidc_root, spec.config)
+    nodules, rejected = scan_nodules(loaded_scan.scan, scan_id, loaded_scan.series, spec.config,
+                                     training_population_only=False)
+    loaded_s = time.perf_counter() - start
+    start = time.perf_counter()
+    files = _crops_of_series(spec.training_crops.get(scan_id, {}), str(loaded_scan.scan.series_instance_uid))
+    prepared = []
     for index, nodule in enumerate(nodules, start=1):
         file = files.get(nodule.nodule_id)
-        image = read_crop(file).image() if file is not None else crop(series, nodule, config).hu
-        chosen.append(_Nodule(index=index, nodule=nodule, crop=image, from_training=file is not None))
-    return chosen, [{"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected]
+        image = read_crop(file).image() if file is not None else crop(loaded_scan.series, nodule, spec.config).hu
+        inputs, rows = model_inputs(sitk.GetArrayFromImage(image), spec.input_config, spec.views, spec.volume)
+        prepared.append(PreparedNodule(
+            index=index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
+            in_training_population=nodule.in_training_population, labels=dict(nodule.labels), note=_note(nodule),
+            mask=nodule.mask.image, crop=image, from_training=file is not None, inputs=inputs, rows=rows))
+    skipped = tuple({"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected)
+    return PreparedScan(scan_id=scan_id, ct=loaded_scan.series.image, nodules=tuple(prepared), skipped=skipped,
+                        seconds={"load": loaded_s, "crop": time.perf_counter() - start})
 
 
 def _joined(parts: Sequence[Explanation]) -> Explanation:
@@ -183,91 +259,134 @@ class NoduleMaps:
     seconds: float
 
 
+def _map_targets(settings: ExplainSettings, concept: Concept | None) -> tuple[list[str], list]:
+    """Map names and the engine's targets (output indices, and the concept's vector)."""
+    names = [*settings.targets, *([concept.query.map_name] if concept is not None else [])]
+    targets: list = [*map(target_index, settings.targets), *([concept.vector] if concept is not None else [])]
+    return names, targets
+
+
+def maps_of(explanation: Explanation, shape_zyx: Sequence[int], rows: Mapping[str, np.ndarray], names: Sequence[str],
+            volume: bool) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """3D maps (the mean of the three view stacks, when ``volume``) and centre-slice maps of one crop's explanation,
+    whose rows are the crop's images in view order as ``rows`` lists them."""
+    shape = tuple(int(n) for n in shape_zyx)
+    volumes = {name: np.zeros(shape, dtype=np.float32) for name in names} if volume else {}
+    centre_slices: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
+    row = 0
+    for view, chosen in rows.items():
+        n_rows = len(chosen)
+        slice_shape = view_shape(shape, view)
+        maps = slice_maps(_rows(explanation, slice(row, row + n_rows)), slice_shape)  # (n, T, h, w)
+        row += n_rows
+        centre_row = int(np.flatnonzero(chosen == centre_index(shape, view))[0])
+        for t, name in enumerate(names):
+            centre_slices[name][view] = maps[centre_row, t]
+            if volume:
+                volumes[name] += place_view_map(maps[:, t], view, None, shape) / len(rows)
+    return volumes, centre_slices
+
+
+def _explained(loaded: LoadedModel, images: torch.Tensor, targets: list, settings: ExplainSettings,
+               sizes: Sequence[int]) -> tuple[Explanation, list[float]]:
+    """One explanation of ``images`` from explain() calls on consecutive chunks of ``sizes``, and each call's seconds."""
+    parts, seconds = [], []
+    for chunk in images.split(list(sizes)):
+        start = time.perf_counter()
+        parts.append(explain(loaded.model, chunk, targets, method=settings.method, **settings.method_options))
+        seconds.append(time.perf_counter() - start)
+    return _joined(parts), seconds
+
+
+def _chunk_sizes(total: int, per_call: int | None, per_nodule: Sequence[int]) -> list[int]:
+    """Images per explain() call: ``per_call`` across nodules, or one call per nodule when it is None."""
+    if per_call is None:
+        return [n for n in per_nodule if n]
+    return [min(per_call, total - start) for start in range(0, total, per_call)]
+
+
 def nodule_maps(
     loaded: LoadedModel, crop_hu: np.ndarray, settings: ExplainSettings, concept: Concept | None = None
 ) -> NoduleMaps:
     """Every target's (and the concept's) CDAM for one (z, y, x) HU crop, from one batched explain() call."""
     start = time.perf_counter()
     volume = np.asarray(crop_hu, dtype=np.float32)
-    names = [*settings.targets, *([concept.query.map_name] if concept is not None else [])]
-    # The engine takes output indices (and concept vectors), not target names.
-    targets: list = [*map(target_index, settings.targets), *([concept.vector] if concept is not None else [])]
-    chosen: dict[str, np.ndarray] = {}
-    for view in settings.views:
-        n = volume.shape[view_axis(view)]
-        chosen[view] = np.arange(n) if settings.volume else np.array([centre_index(volume.shape, view)])
-    images = torch.cat([to_model_input(view_stack(volume, v)[chosen[v]], loaded.input_config) for v in settings.views])
-    size = settings.images_per_call or len(images)
-    explanation = _joined([explain(loaded.model, chunk, targets, method=settings.method, **settings.method_options)
-                           for chunk in images.split(size)])
-    volumes = {name: np.zeros(volume.shape, dtype=np.float32) for name in names} if settings.volume else {}
-    centre_slices: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
-    row = 0
-    for view in settings.views:
-        n_rows = len(chosen[view])
-        slice_shape = view_stack(volume, view).shape[1:]
-        maps = slice_maps(_rows(explanation, slice(row, row + n_rows)), slice_shape)  # (n, T, h, w)
-        row += n_rows
-        centre_row = int(np.flatnonzero(chosen[view] == centre_index(volume.shape, view))[0])
-        for t, name in enumerate(names):
-            centre_slices[name][view] = maps[centre_row, t]
-            if settings.volume:
-                volumes[name] += place_view_map(maps[:, t], view, None, volume.shape) / len(settings.views)
-    return NoduleMaps(volumes=volumes, centre_slices=centre_slices, n_images=len(images),
+    names, targets = _map_targets(settings, concept)
+    inputs, rows = model_inputs(volume, loaded.input_config, settings.views, settings.volume)
+    explanation, _ = _explained(loaded, torch.from_numpy(inputs), targets, settings,
+                                _chunk_sizes(len(inputs), settings.images_per_call, [len(inputs)]))
+    volumes, centre_slices = maps_of(explanation, volume.shape, rows, names, settings.volume)
+    return NoduleMaps(volumes=volumes, centre_slices=centre_slices, n_images=len(inputs),
                       seconds=time.perf_counter() - start)
 
 
-def _note(nodule: ScanNodule) -> str:
-    """Why training leaves the nodule out (if it does) and the notes of its labels."""
-    problem = nodule.selection_problem
-    return "; ".join([*(["unlabelled: " + problem] if problem else []), *nodule.notes])
-
-
-def _nodule_result(explained: _Nodule, loaded: LoadedModel, maps: NoduleMaps) -> NoduleResult:
-    nodule, crop_image = explained.nodule, explained.crop
+def _nodule_result(nodule: PreparedNodule, loaded: LoadedModel, volumes: Mapping[str, np.ndarray],
+                   centre_slices: Mapping[str, Mapping[str, np.ndarray]]) -> NoduleResult:
+    crop_image = nodule.crop
     crop = sitk.GetArrayFromImage(crop_image)
-    prediction = loaded.predict(crop)
+    prediction = loaded.predict(crop)  # per nodule: a prediction never depends on which nodules share a batch
     raw = prediction["raw"][0]
     predictions = {t: float(prediction[t][0]) for t in TARGETS}
     view_maps = {
         name: {view: slab_on_grid(values, crop_image, view_axis(view), centre_index(crop.shape, view))
                for view, values in per_view.items()}
-        for name, per_view in maps.centre_slices.items()
+        for name, per_view in centre_slices.items()
     }
     return NoduleResult(
-        index=explained.index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
-        in_training_population=nodule.in_training_population, predictions=predictions, radiologists=_radiologists(nodule.labels),
-        model_outputs={t: float(v) for t, v in zip(TARGETS, raw)}, crop=crop_image,
+        index=nodule.index, nodule_id=nodule.nodule_id, centroid_lps=nodule.centroid_lps,
+        in_training_population=nodule.in_training_population, predictions=predictions,
+        radiologists=_radiologists(nodule.labels), model_outputs={t: float(v) for t, v in zip(TARGETS, raw)},
+        crop=crop_image,
         # The mask on the scan's own voxels (not the crop's resampled copy): the segmentation lies on the CT.
-        consensus_mask=nodule.mask.image,
-        maps={name: image_on_grid(values, crop_image) for name, values in maps.volumes.items()},
-        view_maps=view_maps, note=_note(nodule),
+        consensus_mask=nodule.mask,
+        maps={name: image_on_grid(values, crop_image) for name, values in volumes.items()},
+        view_maps=view_maps, note=nodule.note,
     )
 
 
-def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> ScanResult:
-    """Load a scan, take its nodules' crops as training did, predict every target and compute the CDAM maps."""
-    timings: dict[str, float] = {}
+def _nodule_seconds(sizes: Sequence[int], seconds: Sequence[float], per_nodule: Sequence[int]) -> list[float]:
+    """Each nodule's share of the explain() calls' seconds, by its images in each call (exact for one call each)."""
+    shares = [0.0] * len(per_nodule)
+    bounds = np.cumsum([0, *per_nodule])
+    start = 0
+    for size, spent in zip(sizes, seconds):
+        for k in range(len(per_nodule)):
+            overlap = max(0, min(start + size, bounds[k + 1]) - max(start, bounds[k]))
+            shares[k] += spent * overlap / size
+        start += size
+    return shares
+
+
+def explain_prepared(prepared: PreparedScan, loaded: LoadedModel, settings: ExplainSettings,
+                     concept: Concept | None = None, images_per_call: int | None = None) -> ScanResult:
+    """Predict every target of a prepared scan's nodules and compute their maps: the images of all nodules go
+    through explain() in calls of ``images_per_call`` (default ``settings.images_per_call``; None: one call per
+    nodule), so a GPU sees many nodules at once."""
     start = time.perf_counter()
-    concept = build_concept(loaded, settings.concept) if settings.concept else None
-    timings["concept_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    config = trained_config(loaded)
-    scan, series = load_scan_series(scan_id, Path(lidc_root), config)
-    nodules, skipped = _nodules_to_explain(loaded, scan, scan_id, series, Path(lidc_root), config)
-    timings["load_and_crop_s"] = time.perf_counter() - start
-    results, per_nodule = [], []
-    for explained in nodules:
-        nodule_id = explained.nodule.nodule_id
-        maps = nodule_maps(loaded, sitk.GetArrayFromImage(explained.crop), settings, concept)
-        results.append(_nodule_result(explained, loaded, maps))
-        per_nodule.append({"nodule_id": nodule_id, "images": maps.n_images, "explain_s": round(maps.seconds, 3)})
-        log.info("%s: %d images x %d maps explained in %.2f s", nodule_id, maps.n_images,
-                 len(maps.centre_slices), maps.seconds)
+    names, targets = _map_targets(settings, concept)
+    nodules = prepared.nodules
+    per_nodule = [len(n.inputs) for n in nodules]
+    results: list[NoduleResult] = []
+    timing: list[dict[str, Any]] = []
+    if nodules:
+        images = torch.from_numpy(np.concatenate([n.inputs for n in nodules]))
+        per_call = images_per_call if images_per_call is not None else settings.images_per_call
+        sizes = _chunk_sizes(len(images), per_call, per_nodule)
+        explanation, seconds = _explained(loaded, images, targets, settings, sizes)
+        shares = _nodule_seconds(sizes, seconds, per_nodule)
+        row = 0
+        for nodule, n_images, share in zip(nodules, per_nodule, shares):
+            rows = _rows(explanation, slice(row, row + n_images))
+            row += n_images
+            volumes, centre_slices = maps_of(rows, nodule.crop.GetSize()[::-1], nodule.rows, names, settings.volume)
+            results.append(_nodule_result(nodule, loaded, volumes, centre_slices))
+            timing.append({"nodule_id": nodule.nodule_id, "images": n_images, "explain_s": round(share, 3)})
+            log.info("%s: %d images x %d maps explained in %.2f s", nodule.nodule_id, n_images, len(names), share)
     note = ""
     if not nodules:
-        reasons = "; ".join(f"{s['nodule_id']}: {s['reason']}" for s in skipped)
-        note = f"no usable nodule in {scan_id}: " + (reasons or "the scan has no annotated nodule")
+        reasons = "; ".join(f"{s['nodule_id']}: {s['reason']}" for s in prepared.skipped)
+        note = f"no usable nodule in {prepared.scan_id}: " + (reasons or "the scan has no annotated nodule")
+    maps_s = time.perf_counter() - start
     details = {
         "targets": list(settings.targets),
         "views": list(settings.views),
@@ -275,10 +394,22 @@ def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: E
         "method_options": dict(settings.method_options),
         "concept": None if concept is None else {"query": concept.query.text, "map": concept.query.map_name,
                                                   "training_examples": concept.n_examples},
-        "preprocess": config.as_record(),
-        "training_crops": [n.nodule.nodule_id for n in nodules if n.from_training],
-        "skipped_nodules": skipped,
-        "timing": {**{k: round(v, 3) for k, v in timings.items()}, "nodules": per_nodule},
+        "preprocess": trained_config(loaded).as_record(),
+        "training_crops": [n.nodule_id for n in nodules if n.from_training],
+        "skipped_nodules": [dict(s) for s in prepared.skipped],
+        "timing": {"load_s": round(prepared.seconds["load"], 3), "crop_s": round(prepared.seconds["crop"], 3),
+                   "maps_s": round(maps_s, 3), "nodules": timing},
     }
-    return ScanResult(scan_id=scan_id, checkpoint=str(loaded.path), method=settings.method, ct=series.image,
+    return ScanResult(scan_id=prepared.scan_id, checkpoint=str(loaded.path), method=settings.method, ct=prepared.ct,
                       nodules=tuple(results), note=note, details=details)
+
+
+def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> ScanResult:
+    """Load a scan, take its nodules' crops as training did, predict every target and compute the CDAM maps."""
+    start = time.perf_counter()
+    concept = build_concept(loaded, settings.concept) if settings.concept else None
+    concept_s = time.perf_counter() - start
+    prepared = prepare_scan(scan_id, PrepareSpec.of(loaded, Path(lidc_root), settings))
+    result = explain_prepared(prepared, loaded, settings, concept)
+    result.details["timing"]["concept_s"] = round(concept_s, 3)
+    return result

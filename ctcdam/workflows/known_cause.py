@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
@@ -86,7 +87,9 @@ def known_cause_data(
     workers = workers if workers is not None else max(1, min(2, os.cpu_count() or 1))
     dicom_root = ensure_default_dicom(cache_dir, scan_ids=scans, workers=workers, dirname=DICOM_DIRNAME,
                                       known_cause_seed=seed)
-    out_dir = cache_dir / PREPROCESSED_DIRNAME
+    # Another scan list (the demo's short version) gets its own preprocessed copy: one manifest per list.
+    suffix = "" if tuple(scans) == KNOWN_CAUSE_SCANS else f"-{len(scans)}scans"
+    out_dir = cache_dir / f"{PREPROCESSED_DIRNAME}{suffix}"
     manifest_path = out_dir / MANIFEST_NAME
     record = _record(seed, scans)
     if manifest_path.is_file() and (read_run_record(manifest_path) or {}).get("known_cause") == record:
@@ -108,6 +111,8 @@ def known_cause_data(
 
 # -- the benchmark --------------------------------------------------------------------------------------------
 
+#: The demo's short version: the default set's scans, fewer epochs, a few nodules and the fast methods.
+QUICK_METHODS: tuple[str, ...] = ("cdam", "integrated", "rp", "ig", "token_ablation", "uniform", "centred_gaussian")
 #: The targets whose causes are painted (ctcdam.evaluate.ground_truth.TARGET_CAUSES).
 BENCHMARK_TARGETS: tuple[str, ...] = ("malignancy", "spiculation", "calcification")
 
@@ -121,6 +126,7 @@ class BenchmarkSettings:
     scans: tuple[str, ...] = KNOWN_CAUSE_SCANS
     checkpoint: Path | None = None  #: None: train (or reuse) <out_dir>/train/<model_run>/best.ckpt
     depth: int = 4  #: transformer blocks of the trained ViT (the depth study varies it)
+    fold: int | None = None  #: None: the first fold whose test part passes the size check (size_neutral_fold)
     epochs: int = 60
     methods: tuple[str, ...] | None = None  #: None: every registered method
     max_nodules: int | None = None
@@ -129,22 +135,60 @@ class BenchmarkSettings:
     threads: int | None = 1
     workers: int | None = None
 
-    @property
-    def model_run(self) -> str:
-        """The training run's folder name: one per depth and epoch count."""
-        return f"depth{self.depth}-e{self.epochs}"
+    def model_run(self, fold: int) -> str:
+        """The training run's folder name: one per fold, depth and epoch count."""
+        scans = "" if self.scans == KNOWN_CAUSE_SCANS else f"-{len(self.scans)}scans"
+        return f"fold{fold}-depth{self.depth}-e{self.epochs}{scans}"
 
 
-def train_model(settings: BenchmarkSettings, manifest: Path) -> Path:
+#: Diameter alone must stay near chance on the benchmark's test part, or size could stand in for the signs.
+SIZE_NEUTRAL_AUROC = (0.4, 0.6)
+
+
+def fold_size_aurocs(manifest: Path, n_folds: int = 5, seed: int = 0) -> list[float]:
+    """AUROC of diameter alone for malignancy on each fold's test part (the training recipe's folds)."""
+    from sklearn.metrics import roc_auc_score
+
+    from ctcdam.data.folds import split_fold
+    from ctcdam.manifest.schema import read_manifest
+
+    frame = read_manifest(manifest)
+    aurocs = []
+    for fold in range(n_folds):
+        test = frame.iloc[split_fold(frame, fold, n_folds, seed=seed).test].dropna(subset=["label"])
+        aurocs.append(float(roc_auc_score(test["label"], test["diameter_mm"])))
+    return aurocs
+
+
+def size_neutral_fold(manifest: Path) -> int:
+    """The first fold whose test part has diameter-alone AUROC inside SIZE_NEUTRAL_AUROC (chosen before training).
+
+    When no fold passes (a small scan list), the fold closest to 0.5 is taken and a warning says so.
+    """
+    aurocs = fold_size_aurocs(manifest)
+    passing = [k for k, a in enumerate(aurocs) if SIZE_NEUTRAL_AUROC[0] <= a <= SIZE_NEUTRAL_AUROC[1]]
+    fold = passing[0] if passing else int(np.argmin(np.abs(np.asarray(aurocs) - 0.5)))
+    listed = ", ".join(f"{a:.3f}" for a in aurocs)
+    if passing:
+        log.info("known-cause benchmark: fold %d (diameter-alone AUROC %.3f on its test part; all folds: %s)",
+                 fold, aurocs[fold], listed)
+    else:
+        log.warning("known-cause benchmark: no fold has diameter-alone AUROC in %s (%s); fold %d is the closest",
+                    SIZE_NEUTRAL_AUROC, listed, fold)
+    return fold
+
+
+def train_model(settings: BenchmarkSettings, manifest: Path, fold: int) -> Path:
     """Train the benchmark's ViT on the known-cause set (demo recipe, ``settings.depth`` blocks); reused when done."""
     from ctcdam.workflows.train import main as train_main
 
-    checkpoint = settings.out_dir / "train" / settings.model_run / "best.ckpt"
+    checkpoint = settings.out_dir / "train" / settings.model_run(fold) / "best.ckpt"
     if checkpoint.is_file() and (checkpoint.parent / "metrics.json").is_file():
         return checkpoint
     args = [
         "--config", "demo", f"--data.manifest={manifest}", f"--out={settings.out_dir / 'train'}",
-        f"--run={settings.model_run}", f"--trainer.max_epochs={settings.epochs}", "--trainer.enable_progress_bar=false",
+        f"--run={settings.model_run(fold)}", f"--data.fold={fold}", f"--trainer.max_epochs={settings.epochs}",
+        "--trainer.enable_progress_bar=false",
         f"--model.backbone_kwargs={{patch_size: 4, embed_dim: 128, depth: {settings.depth}, num_heads: 4}}",
         f"--device={settings.device}",
     ]
@@ -183,10 +227,14 @@ def run_benchmark(settings: BenchmarkSettings) -> tuple[Path, dict]:
     from ctcdam.evaluate import DEFAULT_METHODS, EvaluationConfig, evaluate
 
     data = known_cause_data(settings.cache_dir, scans=settings.scans, workers=settings.workers)
-    checkpoint = Path(settings.checkpoint) if settings.checkpoint else train_model(settings, data.manifest)
+    if settings.checkpoint:
+        checkpoint = Path(settings.checkpoint)
+    else:
+        fold = settings.fold if settings.fold is not None else size_neutral_fold(data.manifest)
+        checkpoint = train_model(settings, data.manifest, fold)
     methods = tuple(settings.methods or DEFAULT_METHODS)
     run_dir = evaluate(EvaluationConfig(
-        checkpoint=checkpoint, out_dir=settings.out_dir / "evaluate", run=settings.model_run, methods=methods,
+        checkpoint=checkpoint, out_dir=settings.out_dir / "evaluate", run=checkpoint.parent.name, methods=methods,
         targets=BENCHMARK_TARGETS, max_nodules=settings.max_nodules, sanity_nodules=settings.sanity_nodules,
         device=settings.device, progress=False,
     ))
