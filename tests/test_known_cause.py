@@ -94,8 +94,9 @@ def test_evaluation_scores_every_method_against_the_cause_masks(known_cause_chec
 
     out = evaluate(EvaluationConfig(
         checkpoint=known_cause_checkpoint, out_dir=tmp_path / "evaluate", methods=("cdam", "rp", "uniform", "centred_gaussian"),
-        targets=("malignancy", "spiculation", "calcification", "texture"), sanity_nodules=0, progress=False,
+        targets=("malignancy", "spiculation", "calcification", "texture"), sanity_nodules=1, progress=False,
     ))
+    assert not (out / "failures.csv").exists()  # every method ran on every nodule, the re-initialisation test too
     scores = pd.read_csv(out / "metrics.csv")
     uniform = scores[scores["method"] == "uniform"]
     lift = uniform["evidence_lift"].dropna()

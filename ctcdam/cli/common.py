@@ -117,6 +117,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """argparse type of ``--shard i/n``: this task's share, every n-th item from i (0 <= i < n)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form i/n (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r} needs 0 <= i < n")
+    return index, count
+
+
+def add_shard(parser: argparse.ArgumentParser, what: str = "scan") -> None:
+    """``--shard i/n`` and ``--resume`` (the SLURM-array pair: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+    parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="i/n",
+                        help=f"process every n-th {what} from i, 0 <= i < n (default: 0/1, all)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"keep the {what}s an earlier run finished with the same settings (re-verified)")
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     """``--threads N``."""
     parser.add_argument(

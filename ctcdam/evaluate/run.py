@@ -304,6 +304,9 @@ def sanity_rows(
     if not batch.sanity_rows:
         return []
     subset, indices = batch.images[: batch.sanity_rows], config.target_indices
+    # Per-image options (the centred Gaussian's sigma) follow the images to the subset.
+    options = {k: v[: batch.sanity_rows] if torch.is_tensor(v) and v.ndim and len(v) == len(batch.images) else v
+               for k, v in options.items()}
     stages = metrics.cascading_randomisation(
         model, maps[: batch.sanity_rows], lambda m: explain(m, subset, indices, method=method, **options).maps,
         n_blocks=min(config.sanity_blocks, len(model.blocks)),

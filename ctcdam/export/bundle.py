@@ -4,10 +4,22 @@ Everything is written into a staging folder beside ``OUT/<scan_id>`` and renamed
 (``ctcdam.io.atomic_dir``), so an interrupted run never leaves a half-written bundle under the final name (a
 previous bundle stays intact until the new one is complete). Staging folders of runs that died are removed
 by the next run.
+
+A cohort run gives each bundle a record, ``bundle.json``, written last into the staging folder: the run's
+settings, the outcome and the size and SHA-256 of every file, so ``--resume`` can tell a finished bundle from
+a damaged one (:func:`unit_problem`). A scan that could not be explained gets a unit holding only its record.
+
+Write cost (measured on a synthetic 11-nodule scan, all 9 targets, 398 NIfTI files): the CT is gzipped at level 1
+and the float maps are stored uncompressed inside their gzip stream (``ctcdam.export.volumes``); the report is
+one composed raster per page; the ``.mrb`` stores already-compressed members as they are.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +38,8 @@ from ctcdam.export.scene import MapVolume, SceneSpec, write_scene, write_scene_b
 from ctcdam.export.segmentation import Segment, write_segmentation
 from ctcdam.export.table import value_text, write_predictions_table
 from ctcdam.export.volumes import (
+    CT_GZIP_LEVEL,
+    MAP_GZIP_LEVEL,
     axis_spacing_ras,
     ct_volume,
     nearest_voxel_centre,
@@ -36,6 +50,12 @@ from ctcdam.export.volumes import (
 from ctcdam.targets import MALIGNANCY
 
 log = logging.getLogger(__name__)
+
+#: A bundle's record (cohort runs), written last into the bundle folder.
+RECORD_FILE = "bundle.json"
+RECORD_FORMAT = "ctcdam.explain-bundle.v1"
+#: Renders ``views.png``: (scene bundle, png path, caption) -> the png, or None when it cannot be made.
+ViewsWriter = Callable[[Path, Path, str], "Path | None"]
 
 
 def nodule_map_files(nodule: NoduleResult) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
@@ -126,32 +146,37 @@ def _view_focus(scan: ScanResult, ct_grid: sitk.Image) -> tuple[tuple[float, flo
     return nearest_voxel_centre(ct_grid, nodule.centroid_lps), 2.0 * _physical_extent(nodule.crop)
 
 
-def _write_views(folder: Path, scene_bundle: Path, scan: ScanResult) -> None:
+def views_caption(scan: ScanResult) -> str:
+    """The caption of ``views.png`` (also in its PNG text chunk)."""
+    caption = f"{scan.scan_id}: the .mrb as 3D Slicer opens it"
+    if scan.nodules:
+        nodule = scan.nodules[0]
+        caption += (f" - nodule {nodule.index} ({nodule.nodule_id}), foreground CDAM malignancy, "
+                    f"red = evidence, blue = counter-evidence, |map| < {TRANSPARENT_BAND:.0%} of max transparent")
+    return caption
+
+
+def _write_views(folder: Path, scene_bundle: Path, scan: ScanResult, views: ViewsWriter | None) -> None:
     """``views.png``: the scene's three slice views as 3D Slicer opens them (only where slicer-core is installed)."""
     from ctcdam.export.slicer_render import slicer_available, write_views_png_isolated
 
     if not slicer_available():
         log.info("views.png not written: 3D Slicer's libraries (slicer-core) are not installed")
         return
-    caption = f"{scan.scan_id}: the .mrb as 3D Slicer opens it"
-    if scan.nodules:
-        nodule = scan.nodules[0]
-        caption += (f" - nodule {nodule.index} ({nodule.nodule_id}), foreground CDAM malignancy, "
-                    f"red = evidence, blue = counter-evidence, |map| < {TRANSPARENT_BAND:.0%} of max transparent")
-    write_views_png_isolated(scene_bundle, folder / naming.VIEWS_FILE, caption=caption)
+    (views or write_views_png_isolated)(scene_bundle, folder / naming.VIEWS_FILE, views_caption(scan))
 
 
-def _write_contents(scan: ScanResult, folder: Path) -> None:
-    write_volume(ct_volume(scan.ct), folder / naming.CT_FILE)
+def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -> None:
+    write_volume(ct_volume(scan.ct), folder / naming.CT_FILE, gzip_level=CT_GZIP_LEVEL)
     # The CT's geometry as readers see it (float32 in NIfTI): the segmentation's lattice and reference geometry.
     ct_grid = written_geometry(folder / naming.CT_FILE)
     for nodule in scan.nodules:
-        maps, views = nodule_map_files(nodule)
+        maps, view_files = nodule_map_files(nodule)
         for name, file in maps.items():
-            write_volume(nodule.maps[name], folder / file)
-        for name, per_view in views.items():
+            write_volume(nodule.maps[name], folder / file, gzip_level=MAP_GZIP_LEVEL)
+        for name, per_view in view_files.items():
             for view, file in per_view.items():
-                write_volume(nodule.view_maps[name][view], folder / file)
+                write_volume(nodule.view_maps[name][view], folder / file, gzip_level=MAP_GZIP_LEVEL)
     write_color_table(folder / naming.COLOR_TABLE_FILE)
     segmentation_file = markups_file = table_file = None
     if scan.nodules:
@@ -172,15 +197,89 @@ def _write_contents(scan: ScanResult, folder: Path) -> None:
     scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
     write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
     scene_bundle = write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
-    _write_views(folder, scene_bundle, scan)
+    _write_views(folder, scene_bundle, scan, views)
 
 
-def write_bundle(scan: ScanResult, out_root: Path) -> Path:
-    """Write the review bundle of ``scan`` to ``out_root/<scan_id>`` (replacing an older one) and return it."""
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder`` (bundle-relative names, sorted; the record and temporaries
+    left out)."""
+    digests = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name == RECORD_FILE or any(io.is_temporary(Path(part)) for part in path.relative_to(folder).parts):
+            continue
+        sha = hashlib.sha256()
+        with open(path, "rb") as source:
+            for block in iter(lambda: source.read(1 << 22), b""):
+                sha.update(block)
+        digests[name] = {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+    return digests
+
+
+def _write_record(folder: Path, record: Mapping[str, Any]) -> Path:
+    document = {"format": RECORD_FORMAT, **dict(record), "files": file_digests(folder)}
+    return io.write_text(folder / RECORD_FILE, json.dumps(io.json_safe(document), indent=1) + "\n")
+
+
+def write_bundle(scan: ScanResult, out_root: Path, *, record: Mapping[str, Any] | None = None,
+                 views: ViewsWriter | None = None) -> Path:
+    """Write the review bundle of ``scan`` to ``out_root/<scan_id>`` (replacing an older one) and return it.
+
+    ``record`` (cohort runs): what ``bundle.json`` says besides the files (settings, outcome), written last.
+    ``views`` renders ``views.png`` (default: a Slicer child process for this bundle alone).
+    """
+    start = time.perf_counter()
     out_root = prepare_output_root(Path(out_root))
     for stale in io.remove_stale_temporaries(out_root):
         log.info("removed %s left by an interrupted run", stale)
     final = out_root / scan.scan_id
     with io.atomic_dir(final) as staging:
-        _write_contents(scan, staging)
+        _write_contents(scan, staging, views)
+        if record is not None:
+            seconds = {**dict(record.get("seconds", {})), "write": round(time.perf_counter() - start, 3)}
+            _write_record(staging, {**dict(record), "status": "ok", "nodules": len(scan.nodules), "seconds": seconds})
     return final
+
+
+def write_failed_unit(out_root: Path, scan_id: str, record: Mapping[str, Any]) -> Path:
+    """Publish ``out_root/<scan_id>`` holding only the record of a scan that could not be explained (``record`` says
+    the stage and the reason), so resumed and sharded runs know it was tried."""
+    out_root = prepare_output_root(Path(out_root))
+    with io.atomic_dir(out_root / scan_id) as staging:
+        _write_record(staging, {**dict(record), "status": "failed", "nodules": 0})
+    return out_root / scan_id
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The record of a bundle folder, or None when it has none or it cannot be read."""
+    try:
+        record = json.loads((Path(folder) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def unit_problem(folder: Path, settings: Mapping[str, Any], *, deep: bool = True) -> str | None:
+    """Why the bundle folder cannot be reused by a run with ``settings`` (no record, other settings, a missing,
+    truncated or altered file), or None when every file is as its record says (``deep=False``: its size)."""
+    folder = Path(folder)
+    if not (folder / RECORD_FILE).is_file():
+        return "no finished bundle" if not folder.exists() else f"{folder} has no record {RECORD_FILE}"
+    record = read_record(folder)
+    if record is None:
+        return f"its record {folder / RECORD_FILE} is damaged"
+    if io.json_safe(dict(settings)) != record.get("settings"):
+        return "it was made with other settings"
+    for name, expected in record.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected.get("size"):
+            return f"{file} has {file.stat().st_size} bytes, its record says {expected.get('size')} (truncated?)"
+    if not deep:
+        return None
+    actual = file_digests(folder)
+    for name, expected in record.get("files", {}).items():
+        if actual.get(name, {}).get("sha256") != expected.get("sha256"):
+            return f"{folder / name} differs from its record (SHA-256)"
+    return None

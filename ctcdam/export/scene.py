@@ -14,6 +14,7 @@ of the predictions beside the radiologists' values (Tables module).
 """
 from __future__ import annotations
 
+import shutil
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -184,16 +185,30 @@ def write_scene(spec: SceneSpec, path: Path) -> Path:
     return io.write_text(path, "<?xml version='1.0' encoding='utf-8'?>\n" + text + "\n")
 
 
+#: Timestamp of every member of a ``.mrb`` (zip's earliest): equal bundles give byte-equal archives.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_COPY_CHUNK = 1 << 22
+
+
+def _add_member(archive: zipfile.ZipFile, source: Path, name: str, compress_type: int) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = compress_type
+    info.external_attr = 0o644 << 16
+    info.file_size = source.stat().st_size  # lets zipfile choose zip64 up front for a large CT
+    with open(source, "rb") as reader, archive.open(info, "w") as writer:
+        shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+
+
 def write_scene_bundle(scene_file: Path, files: Sequence[str], path: Path) -> Path:
     """Zip a scene and the files it names into a ``.mrb``, laid out as Slicer writes one: ``<name>/<name>.mrml``
     beside the files at the same relative paths, so the scene's references resolve unchanged."""
     root = scene_file.parent
     name = scene_file.stem
     with io.atomic_file(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.write(scene_file, f"{name}/{scene_file.name}")
+        _add_member(archive, scene_file, f"{name}/{scene_file.name}", zipfile.ZIP_DEFLATED)
         for relative in dict.fromkeys(files):
             # Compressed formats (.nii.gz, gzip-encoded .nrrd, .png) gain nothing from a second deflate.
             stored = relative.endswith((".gz", ".nrrd", ".png"))
-            archive.write(root / relative, f"{name}/{relative}",
-                          compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+            _add_member(archive, root / relative, f"{name}/{relative}",
+                        zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
     return path

@@ -1,16 +1,14 @@
 """Explain one scan: load its series and nodules, take each nodule's crop, predict, and compute CDAM maps.
 
-Nodules are selected, masked and cropped by ``ctcdam.lidc.scan_nodules`` with the preprocessing settings the
-checkpoint was trained with (``ctcdam.data.preprocess`` in the checkpoint, written from the manifest's run
-record). A nodule of the training manifest whose scan is read from the checkpoint's own DICOM root is not cut
-again: its crop is read from the manifest, so the maps are computed on the very voxels the model was trained
-on; other nodules (fewer readers than training requires, another data root, a new scan) are cropped with the
-trained settings.
+Loading and cropping (``ctcdam.workflows.explain_prepare``: the trained settings, the training manifest's own
+crops) need no model, so a cohort run does them in worker processes; :func:`explain_prepared` is the model's
+part and :func:`explain_scan` is both, for one scan.
 
 Per nodule, every slice of every view (or only the centre slices without the 3D map) and every target go
-into one ``explain()`` call (chunked only when ``images_per_call`` asks for it). Token maps are resized to
-the slice's pixels, placed back on the crop grid through ``ctcdam.data.views`` and carry the crop grid's
-geometry; the 3D map is the mean of the three view stacks.
+into one ``explain()`` call; a cohort run packs the images of all nodules of a scan into calls of
+``images_per_call``. Predictions are made per nodule, so they never depend on how the images were packed.
+Token maps are resized to the slice's pixels, placed back on the crop grid through ``ctcdam.data.views`` and
+carry the crop grid's geometry; the 3D map is the mean of the three view stacks.
 """
 from __future__ import annotations
 
@@ -26,18 +24,25 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ctcdam.data.transforms import to_model_input
-from ctcdam.data.views import VIEWS, centre_index, place_view_map, view_axis, view_stack
+from ctcdam.data.transforms import InputConfig, to_model_input
+from ctcdam.data.views import VIEWS, centre_index, place_view_map, view_axis, view_shape, view_stack
 from ctcdam.explain import Explanation, explain
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.volumes import image_on_grid, slab_on_grid
 from ctcdam.lidc.crops import CropSpec
-from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
+from ctcdam.lidc.scan_nodules import PreprocessConfig, load_scan
 from ctcdam.lidc.series import LoadedSeries
-from ctcdam.manifest.schema import ManifestError, read_crop, read_manifest
 from ctcdam.models.checkpoint import LoadedModel
 from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, target_index
 from ctcdam.workflows.concept import Concept, build_concept
+from ctcdam.workflows.explain_prepare import (
+    PreparedNodule,
+    PreparedScan,
+    PrepareSpec,
+    crops_of_series,
+    prepare_scan,
+    training_crop_files,
+)
 from ctcdam.workflows.sources import check_scan_present
 
 log = logging.getLogger(__name__)
@@ -96,32 +101,15 @@ def load_scan_series(scan_id: str, lidc_root: Path, config: PreprocessConfig | N
     return loaded.scan, loaded.series
 
 
-def training_crop_files(loaded: LoadedModel, lidc_root: Path) -> dict[str, dict[tuple[str, str], str]]:
-    """Crop files of the training manifest by scan id, then by (series UID, nodule id): empty unless the scans are
-    read from the checkpoint's own DICOM root (another root's voxels may differ) and the manifest is still readable."""
-    recorded, manifest = loaded.data.get("lidc_root"), loaded.data.get("manifest")
-    if not recorded or not manifest or Path(recorded).resolve() != Path(lidc_root).resolve():
-        return {}
-    try:
-        frame = read_manifest(manifest)
-    except (FileNotFoundError, ManifestError) as error:
-        log.warning("training crops unavailable, cropping again with the trained settings: %s", error)
-        return {}
-    series = frame["series_uid"] if "series_uid" in frame.columns else [""] * len(frame)
-    files: dict[str, dict[tuple[str, str], str]] = {}
-    for scan_id, series_uid, nodule_id, file in zip(frame["scan_id"], series, frame["nodule_id"], frame["image_file"]):
-        files.setdefault(str(scan_id), {})[(str(series_uid or ""), str(nodule_id))] = file
-    return files
-
-
-def _crops_of_series(files: dict[tuple[str, str], str], series_uid: str) -> dict[str, str]:
-    """The training crops of one series by nodule id (a manifest without series UIDs matches any series)."""
-    return {nodule: file for (series, nodule), file in files.items() if series in ("", series_uid)}
-
-
 def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root: Path) -> dict[str, str]:
-    """Crop files of the training manifest for this scan's nodules, by nodule id (see :func:`training_crop_files`)."""
-    return _crops_of_series(training_crop_files(loaded, lidc_root).get(scan_id, {}), series_uid)
+    """Crop files of the training manifest for this scan's nodules, by nodule id (``explain_prepare``'s rule)."""
+    return crops_of_series(training_crop_files(loaded.data, lidc_root).get(scan_id, {}), series_uid)
+
+
+def prepare_spec(loaded: LoadedModel, lidc_root: Path) -> PrepareSpec:
+    """What preparing scans of ``lidc_root`` for this checkpoint needs: its trained settings and training crops."""
+    return PrepareSpec(lidc_root=Path(lidc_root), config=trained_config(loaded),
+                       training_crops=training_crop_files(loaded.data, lidc_root))
 
 
 def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
@@ -130,94 +118,15 @@ def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: (None if v is None else float(v)) for k, v in values.items()}
 
 
-@dataclass(frozen=True)
-class PrepareSpec:
-    """What loading and cropping a scan needs from the checkpoint and the settings (no model: it travels to the
-    worker processes of a cohort run)."""
-
-    lidc_root: Path
-    config: PreprocessConfig
-    input_config: InputConfig
-    views: tuple[str, ...]
-    volume: bool
-    training_crops: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)  # by scan id
-
-    @classmethod
-    def of(cls, loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings) -> PrepareSpec:
-        """The spec of a checkpoint's trained settings, with the training crops of ``lidc_root``."""
-        return cls(lidc_root=Path(lidc_root), config=trained_config(loaded), input_config=loaded.input_config,
-                   views=tuple(settings.views), volume=settings.volume,
-                   training_crops=training_crop_files(loaded, lidc_root))
-
-
-@dataclass(frozen=True)
-class PreparedNodule:
-    """A nodule ready for the model: identity, the readers' labels, its masks and HU crop, and the model inputs
-    (every slice of every view, or the centre slices, as ``rows`` says per view)."""
-
-    index: int  # 1-based position among the scan's explained nodules
-    nodule_id: str
-    centroid_lps: tuple[float, float, float]
-    in_training_population: bool
-    labels: Mapping[str, Any]
-    note: str
-    mask: sitk.Image  # the consensus mask on the scan's own voxels
-    crop: sitk.Image
-    from_training: bool  # the crop was read from the training manifest, not cut again
-    inputs: np.ndarray  # (n_images, 3, H, W) float32
-    rows: Mapping[str, np.ndarray]  # per view: the slice indices whose images are in ``inputs``, in view order
-
-
-@dataclass(frozen=True)
-class PreparedScan:
-    """A scan loaded and cropped: its CT, its nodules, the clusters that cannot be cropped, and what it cost."""
-
-    scan_id: str
-    ct: sitk.Image
-    nodules: tuple[PreparedNodule, ...]
-    skipped: tuple[dict[str, str], ...]
-    seconds: Mapping[str, float]  # load (series, clusters, consensus) and crop (crops, model inputs)
-
-
 def model_inputs(crop_hu: np.ndarray, input_config: InputConfig, views: Sequence[str],
-                 volume: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The model inputs of one (z, y, x) HU crop: every slice of every view (``volume``) or each view's centre slice."""
+                 volume: bool) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """The model inputs of one (z, y, x) HU crop: every slice of every view (``volume``) or each view's centre
+    slice, and per view the slice indices they are, in view order."""
     crop_hu = np.asarray(crop_hu, dtype=np.float32)
     rows = {view: np.arange(crop_hu.shape[view_axis(view)]) if volume else np.array([centre_index(crop_hu.shape, view)])
             for view in views}
     images = torch.cat([to_model_input(view_stack(crop_hu, view)[rows[view]], input_config) for view in views])
-    return images.numpy(), rows
-
-
-def _note(nodule: ScanNodule) -> str:
-    """Why training leaves the nodule out (if it does) and the notes of its labels."""
-    problem = nodule.selection_problem
-    return "; ".join([*(["unlabelled: " + problem] if problem else []), *nodule.notes])
-
-
-def prepare_scan(scan_id: str, spec: PrepareSpec) -> PreparedScan:
-    """Load a scan, take its nodules' crops as training did (the manifest's, or cut with the trained settings) and
-    build the model inputs; every croppable cluster is kept, those outside the training population too."""
-    start = time.perf_counter()
-    check_scan_present(scan_id, spec.lidc_root)
-    loaded_scan = load_scan(scan_id, spec.lidc_root, spec.config)
-    nodules, rejected = scan_nodules(loaded_scan.scan, scan_id, loaded_scan.series, spec.config,
-                                     training_population_only=False)
-    loaded_s = time.perf_counter() - start
-    start = time.perf_counter()
-    files = _crops_of_series(spec.training_crops.get(scan_id, {}), str(loaded_scan.scan.series_instance_uid))
-    prepared = []
-    for index, nodule in enumerate(nodules, start=1):
-        file = files.get(nodule.nodule_id)
-        image = read_crop(file).image() if file is not None else crop(loaded_scan.series, nodule, spec.config).hu
-        inputs, rows = model_inputs(sitk.GetArrayFromImage(image), spec.input_config, spec.views, spec.volume)
-        prepared.append(PreparedNodule(
-            index=index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
-            in_training_population=nodule.in_training_population, labels=dict(nodule.labels), note=_note(nodule),
-            mask=nodule.mask.image, crop=image, from_training=file is not None, inputs=inputs, rows=rows))
-    skipped = tuple({"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected)
-    return PreparedScan(scan_id=scan_id, ct=loaded_scan.series.image, nodules=tuple(prepared), skipped=skipped,
-                        seconds={"load": loaded_s, "crop": time.perf_counter() - start})
+    return images, rows
 
 
 def _joined(parts: Sequence[Explanation]) -> Explanation:
@@ -313,7 +222,7 @@ def nodule_maps(
     volume = np.asarray(crop_hu, dtype=np.float32)
     names, targets = _map_targets(settings, concept)
     inputs, rows = model_inputs(volume, loaded.input_config, settings.views, settings.volume)
-    explanation, _ = _explained(loaded, torch.from_numpy(inputs), targets, settings,
+    explanation, _ = _explained(loaded, inputs, targets, settings,
                                 _chunk_sizes(len(inputs), settings.images_per_call, [len(inputs)]))
     volumes, centre_slices = maps_of(explanation, volume.shape, rows, names, settings.volume)
     return NoduleMaps(volumes=volumes, centre_slices=centre_slices, n_images=len(inputs),
@@ -365,20 +274,24 @@ def explain_prepared(prepared: PreparedScan, loaded: LoadedModel, settings: Expl
     start = time.perf_counter()
     names, targets = _map_targets(settings, concept)
     nodules = prepared.nodules
-    per_nodule = [len(n.inputs) for n in nodules]
+    inputs = [model_inputs(sitk.GetArrayFromImage(n.crop), loaded.input_config, settings.views, settings.volume)
+              for n in nodules]
+    inputs_s = time.perf_counter() - start
+    start = time.perf_counter()
+    per_nodule = [len(images) for images, _ in inputs]
     results: list[NoduleResult] = []
     timing: list[dict[str, Any]] = []
     if nodules:
-        images = torch.from_numpy(np.concatenate([n.inputs for n in nodules]))
+        images = torch.cat([images for images, _ in inputs])
         per_call = images_per_call if images_per_call is not None else settings.images_per_call
         sizes = _chunk_sizes(len(images), per_call, per_nodule)
         explanation, seconds = _explained(loaded, images, targets, settings, sizes)
         shares = _nodule_seconds(sizes, seconds, per_nodule)
         row = 0
-        for nodule, n_images, share in zip(nodules, per_nodule, shares):
+        for nodule, (_, view_rows), n_images, share in zip(nodules, inputs, per_nodule, shares):
             rows = _rows(explanation, slice(row, row + n_images))
             row += n_images
-            volumes, centre_slices = maps_of(rows, nodule.crop.GetSize()[::-1], nodule.rows, names, settings.volume)
+            volumes, centre_slices = maps_of(rows, nodule.crop.GetSize()[::-1], view_rows, names, settings.volume)
             results.append(_nodule_result(nodule, loaded, volumes, centre_slices))
             timing.append({"nodule_id": nodule.nodule_id, "images": n_images, "explain_s": round(share, 3)})
             log.info("%s: %d images x %d maps explained in %.2f s", nodule.nodule_id, n_images, len(names), share)
@@ -397,8 +310,10 @@ def explain_prepared(prepared: PreparedScan, loaded: LoadedModel, settings: Expl
         "preprocess": trained_config(loaded).as_record(),
         "training_crops": [n.nodule_id for n in nodules if n.from_training],
         "skipped_nodules": [dict(s) for s in prepared.skipped],
-        "timing": {"load_s": round(prepared.seconds["load"], 3), "crop_s": round(prepared.seconds["crop"], 3),
-                   "maps_s": round(maps_s, 3), "nodules": timing},
+        # crop_s: the crops and the model inputs made of them; maps_s: the model (explain() and predictions)
+        "timing": {"load_s": round(prepared.seconds["load"], 3),
+                   "crop_s": round(prepared.seconds["crop"] + inputs_s, 3), "maps_s": round(maps_s, 3),
+                   "nodules": timing},
     }
     return ScanResult(scan_id=prepared.scan_id, checkpoint=str(loaded.path), method=settings.method, ct=prepared.ct,
                       nodules=tuple(results), note=note, details=details)
@@ -409,7 +324,7 @@ def explain_scan(scan_id: str, loaded: LoadedModel, lidc_root: Path, settings: E
     start = time.perf_counter()
     concept = build_concept(loaded, settings.concept) if settings.concept else None
     concept_s = time.perf_counter() - start
-    prepared = prepare_scan(scan_id, PrepareSpec.of(loaded, Path(lidc_root), settings))
+    prepared = prepare_scan(scan_id, prepare_spec(loaded, Path(lidc_root)))
     result = explain_prepared(prepared, loaded, settings, concept)
     result.details["timing"]["concept_s"] = round(concept_s, 3)
     return result
