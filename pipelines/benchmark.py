@@ -5,8 +5,9 @@ implementation and Captum (if installed) against a plain forward of a random-wei
 --preprocess times the preprocessing of a few scans of the synthetic default (or --lidc-root) against a naive
 implementation and against just reading the series.
 --train times head fine-tuning (frozen random-weight backbone) with and without the embedding cache.
-The logic lives in ctcdam.explain.benchmark, ctcdam.preprocess.benchmark and ctcdam.workflows.train; this file
-parses and prints.
+--explain times the cohort command (explain.py --scans) against a loop of single-scan commands on the same scans.
+The logic lives in ctcdam.explain.benchmark, ctcdam.preprocess.benchmark, ctcdam.workflows.train and
+ctcdam.workflows.explain_benchmark; this file parses and prints.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ctcdam.cli.common import (
-    ArgumentParser, add_device, add_threads, add_verbosity, name_list, positive_int, report_error,
+    ArgumentParser, add_device, add_threads, add_verbosity, name_list, non_negative_int, positive_int, report_error,
     setup_logging, torch_threads,
 )
 
@@ -32,6 +33,7 @@ EXAMPLES = """\
   python pipelines/benchmark.py --cdam --profile smooth50                     # where the time of one entry goes
   python pipelines/benchmark.py --preprocess --scans LIDC-IDRI-0001,LIDC-IDRI-0003 --json
   python pipelines/benchmark.py --train --epochs 5 --threads 1                # head fine-tuning, cache vs no cache
+  python pipelines/benchmark.py --explain --json                              # 5 synthetic scans: cohort vs loop
 """
 
 
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--cdam", action="store_true", help="benchmark CDAM against a plain forward")
     mode.add_argument("--preprocess", action="store_true", help="benchmark the preprocessing of a few scans")
     mode.add_argument("--train", action="store_true", help="benchmark head fine-tuning with and without the embedding cache")
+    mode.add_argument("--explain", action="store_true",
+                      help="benchmark the cohort explain command against a loop of single-scan commands")
     parser.add_argument("--model", help="timm ViT name (default: --cdam vit_small_patch8_224, --train vit_small_patch16_224.dino)")
     parser.add_argument("--img", type=positive_int, help="image size in pixels (default: --cdam 224, --train 112)")
     parser.add_argument("--batch", type=positive_int, help="images per call / training batch size (default: --cdam 1, --train 32)")
@@ -57,7 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lidc-root", type=Path, help="--preprocess: LIDC-IDRI root (default: synthetic default)")
     parser.add_argument("--scans", type=name_list(what="scan id"), metavar="IDS",
-                        help="--preprocess: comma-separated scan ids (default: 3 synthetic ones)")
+                        help="--preprocess/--explain: comma-separated scan ids (default: 3 synthetic ones; --explain: "
+                             "5 of the checkpoint's test fold)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="--explain: training checkpoint (default: the synthetic demo's model, random weights)")
+    parser.add_argument("--workers", type=non_negative_int, default=1,
+                        help="--explain: worker processes of the cohort command (default: %(default)s)")
+    parser.add_argument("--no-volume", action="store_true", help="--explain: both commands skip the 3D maps")
     parser.add_argument("--epochs", type=positive_int, default=10, help="--train: epochs per run (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, help="--train: preprocessing manifest (default: the synthetic default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -114,6 +124,21 @@ def _run_preprocess(args: argparse.Namespace) -> dict:
     return data
 
 
+def _run_explain(args: argparse.Namespace) -> dict:
+    from ctcdam.workflows.explain_benchmark import benchmark_explain
+
+    data = benchmark_explain(checkpoint=args.checkpoint, scan_ids=args.scans, workers=args.workers,
+                             threads=args.threads, extra_args=("--no-volume",) if args.no_volume else ())
+    if not args.json:
+        wall = data["wall_seconds"]
+        print(f"explain {data['nodules']} nodules of {', '.join(data['scans'])} ({data['workers']} worker(s))")
+        print(f"{'cohort command':<26}{wall['cohort']:>8.1f} s  {data['nodules_per_s']:>6.2f} nodules/s")
+        print(f"{'loop of single scans':<26}{wall['loop']:>8.1f} s  {data['loop_nodules_per_s']:>6.2f} nodules/s")
+        print(f"{'cohort_vs_loop':<26}{data['ratios']['cohort_vs_loop']:>8.2f}   target {data['targets']['cohort_vs_loop']}")
+        print("cohort time split (s): " + ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()))
+    return data
+
+
 def _run_train(args: argparse.Namespace) -> dict:
     from ctcdam.workflows.train import head_cache_speedup
 
@@ -139,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 from ctcdam.models.device import resolve_device
 
                 args.device = resolve_device(args.device)
-            run = _run_cdam if args.cdam else _run_train if args.train else _run_preprocess
+            run = (_run_cdam if args.cdam else _run_train if args.train else _run_explain if args.explain
+                   else _run_preprocess)
             data = run(args)
     except (ValueError, FileNotFoundError) as error:
         return report_error(PROG, error)

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pydicom
@@ -123,7 +124,11 @@ def test_split_test_writes_every_bundle_of_the_fold_the_index_and_the_worklist(f
 
     spec = importlib.util.spec_from_file_location("review_cohort", out / worklist.REVIEW_COHORT_FILE)
     review = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(review)
+    sys.modules[spec.name] = review  # as Slicer runs it: a module of its own (its dataclass needs one)
+    try:
+        spec.loader.exec_module(review)
+    finally:
+        sys.modules.pop(spec.name, None)
     table = review.worklist_table(slicer.vtkMRMLScene(), str(out), reader="dr-a")
     assert table.GetNumberOfRows() == 3 and table.GetCellText(0, 2) == rows[0]["nodule_id"]
     review.rate(table, 0, "partly", str(out), comment="edge of the nodule", reader="dr-a")
@@ -139,11 +144,13 @@ def test_a_killed_cohort_run_resumed_ends_with_the_same_index(fold_checkpoint, r
 
     ref_out, ref_index, n_points = reference
     expected = {scan: _bundle_contents(ref_out / scan) for scan in (TRAIN_SCAN, TEST_SCAN)}
-    # Inside the second scan's bundle, and after both bundles, just before the index is published.
-    for at in (n_points * 3 // 4, n_points - 6):
+    # Inside the second scan's bundle (the first one is finished), and after both bundles, just before the index.
+    for at, finished in ((n_points * 3 // 4, [TEST_SCAN]), (n_points - 6, [TEST_SCAN, TRAIN_SCAN])):
         out = tmp_path / f"killed-{at}"
         status = run_faulty_pipeline(EXPLAIN_SCRIPT, _argv(fold_checkpoint, out), tmp_path / f"count-{at}", at)
         assert status == -signal.SIGKILL, f"not killed at write point {at} of {n_points}"
+        assert [s for s in (TEST_SCAN, TRAIN_SCAN) if read_record(out / s)] == finished, at
+        assert not (out / worklist.INDEX_FILE).exists()
         assert _cli_main()(_argv(fold_checkpoint, out, "--resume")) == 0
         assert (out / worklist.INDEX_FILE).read_bytes() == ref_index, at
         for scan, contents in expected.items():

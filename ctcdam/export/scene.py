@@ -179,10 +179,15 @@ def scene_document(spec: SceneSpec) -> ET.ElementTree:
     return ET.ElementTree(scene)
 
 
+def scene_text(spec: SceneSpec) -> str:
+    """The ``.mrml`` text of a scene."""
+    text = ET.tostring(scene_document(spec).getroot(), encoding="unicode", xml_declaration=False)
+    return "<?xml version='1.0' encoding='utf-8'?>\n" + text + "\n"
+
+
 def write_scene(spec: SceneSpec, path: Path) -> Path:
     """Write the ``.mrml`` scene; its file references are relative to the scene's folder."""
-    text = ET.tostring(scene_document(spec).getroot(), encoding="unicode", xml_declaration=False)
-    return io.write_text(path, "<?xml version='1.0' encoding='utf-8'?>\n" + text + "\n")
+    return io.write_text(path, scene_text(spec))
 
 
 #: Timestamp of every member of a ``.mrb`` (zip's earliest): equal bundles give byte-equal archives.

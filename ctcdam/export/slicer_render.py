@@ -234,6 +234,12 @@ class SlicerSession:
         self._messages += texts
         return texts
 
+    def open_scene(self, mrml: Path) -> None:
+        """Open a ``.mrml`` scene in place, as Slicer's scene reader does (``SetURL`` + ``Connect``)."""
+        self.scene.SetURL(str(Path(mrml).resolve()))
+        if not self.scene.Connect():
+            raise SlicerLoadError(f"Slicer could not open the scene {mrml}: " + "; ".join(self.messages()[-3:]))
+
     def open_bundle(self, mrb: Path, unpack_dir: Path) -> None:
         """Open a ``.mrb`` with ``vtkMRMLApplicationLogic.OpenSlicerDataBundle`` (files stay in ``unpack_dir``)."""
         unpack_dir = Path(unpack_dir).resolve()
@@ -313,15 +319,18 @@ def compose_views(images: Mapping[str, np.ndarray], caption: str = "") -> np.nda
 
 
 def render_bundle_views(mrb: Path, view_size: tuple[int, int] = VIEW_DIMENSIONS) -> dict[str, np.ndarray]:
-    """The three slice views of a ``.mrb`` as the scene opens them."""
+    """The three slice views of a ``.mrb`` (or a ``.mrml`` scene) as the scene opens them."""
     with tempfile.TemporaryDirectory(prefix="ctcdam-slicer-") as unpack, SlicerSession(view_size) as session:
-        session.open_bundle(Path(mrb), Path(unpack))
+        if Path(mrb).suffix == ".mrml":
+            session.open_scene(Path(mrb))
+        else:
+            session.open_bundle(Path(mrb), Path(unpack))
         return session.render_all()
 
 
 def write_views_png(mrb: Path, path: Path, caption: str = "") -> Path:
-    """Render the three slice views of a ``.mrb`` as the scene opens and write them side by side as a PNG
-    (the caption also goes into the PNG's text chunk ``CAPTION_KEY``)."""
+    """Render the three slice views of a ``.mrb`` (or ``.mrml``) as the scene opens and write them side by side as
+    a PNG (the caption also goes into the PNG's text chunk ``CAPTION_KEY``)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 

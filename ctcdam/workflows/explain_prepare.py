@@ -1,22 +1,26 @@
-"""Preparing a scan for explanation: its series, nodules and crops, as training made them; no model, no torch.
+"""Preparing a scan for explanation: its series, nodules and crops, as training made them; no model.
 
 Nodules are selected, masked and cropped by ``ctcdam.lidc.scan_nodules`` with the preprocessing settings the
 checkpoint was trained with. A nodule of the training manifest whose scan is read from the checkpoint's own DICOM
 root is not cut again: its crop is read from the manifest, so the maps are computed on the very voxels the model
 was trained on; other nodules (fewer readers than training requires, another data root, a new scan) are cropped
-with the trained settings. This module imports neither torch nor MONAI, so the worker processes of a cohort run
-(``ctcdam.workflows.explain_workers``) start in about a second.
+with the trained settings. With the model's input settings in the spec, the model inputs (every slice of every
+view, through the training transforms) are made here too, so a cohort's worker processes take that work off the
+model's process; torch and MONAI are imported only then.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
+
+from ctcdam.data.views import centre_index, view_axis, view_stack
 
 from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
 from ctcdam.manifest.schema import ManifestError, read_crop, read_manifest
@@ -51,11 +55,31 @@ def crops_of_series(files: Mapping[tuple[str, str], str], series_uid: str) -> di
 
 @dataclass(frozen=True)
 class PrepareSpec:
-    """What preparing a scan needs: the DICOM root, the trained preprocessing settings, the training crops."""
+    """What preparing a scan needs: the DICOM root, the trained preprocessing settings, the training crops and,
+    to make the model inputs as well, the model's input settings (a ``ctcdam.data.transforms.InputConfig``),
+    the views and whether every slice (the 3D map) or only the centre ones are explained."""
 
     lidc_root: Path
     config: PreprocessConfig
     training_crops: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)  # by scan id
+    input_config: Any = None
+    views: tuple[str, ...] = ()
+    volume: bool = True
+
+
+def model_inputs(crop_hu: np.ndarray, input_config: Any, views: Sequence[str],
+                 volume: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    """The model inputs of one (z, y, x) HU crop, a (n, 3, H, W) tensor: every slice of every view (``volume``) or
+    each view's centre slice; and per view the slice indices they are, in view order."""
+    import torch
+
+    from ctcdam.data.transforms import to_model_input  # deferred: MONAI and timm take seconds to import
+
+    crop_hu = np.asarray(crop_hu, dtype=np.float32)
+    rows = {view: np.arange(crop_hu.shape[view_axis(view)]) if volume else np.array([centre_index(crop_hu.shape, view)])
+            for view in views}
+    images = torch.cat([to_model_input(view_stack(crop_hu, view)[rows[view]], input_config) for view in views])
+    return images, rows
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,8 @@ class PreparedNodule:
     mask: sitk.Image  # the consensus mask on the scan's own voxels
     crop: sitk.Image
     from_training: bool  # the crop was read from the training manifest, not cut again
+    inputs: np.ndarray | None = None  # the model inputs (model_inputs, as float32), when the spec asked for them
+    rows: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,10 +130,14 @@ def prepare_scan(scan_id: str, spec: PrepareSpec) -> PreparedScan:
     for index, nodule in enumerate(nodules, start=1):
         file = files.get(nodule.nodule_id)
         image = read_crop(file).image() if file is not None else crop(loaded.series, nodule, spec.config).hu
+        inputs, rows = (None, None) if spec.input_config is None else model_inputs(
+            sitk.GetArrayFromImage(image), spec.input_config, spec.views, spec.volume)
+        if inputs is not None:
+            inputs = inputs.numpy()  # plain bytes across the process boundary (no shared-memory tensors)
         prepared.append(PreparedNodule(
             index=index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
             in_training_population=nodule.in_training_population, labels=dict(nodule.labels), note=_note(nodule),
-            mask=nodule.mask.image, crop=image, from_training=file is not None))
+            mask=nodule.mask.image, crop=image, from_training=file is not None, inputs=inputs, rows=rows))
     skipped = tuple({"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected)
     return PreparedScan(scan_id=scan_id, ct=loaded.series.image, nodules=tuple(prepared), skipped=skipped,
                         seconds={"load": load_s, "crop": time.perf_counter() - start})

@@ -24,8 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ctcdam.data.transforms import InputConfig, to_model_input
-from ctcdam.data.views import VIEWS, centre_index, place_view_map, view_axis, view_shape, view_stack
+from ctcdam.data.views import VIEWS, centre_index, place_view_map, view_axis, view_shape
 from ctcdam.explain import Explanation, explain
 from ctcdam.export.result import NoduleResult, ScanResult
 from ctcdam.export.volumes import image_on_grid, slab_on_grid
@@ -40,6 +39,7 @@ from ctcdam.workflows.explain_prepare import (
     PreparedScan,
     PrepareSpec,
     crops_of_series,
+    model_inputs,
     prepare_scan,
     training_crop_files,
 )
@@ -106,27 +106,27 @@ def trained_crops(loaded: LoadedModel, scan_id: str, series_uid: str, lidc_root:
     return crops_of_series(training_crop_files(loaded.data, lidc_root).get(scan_id, {}), series_uid)
 
 
-def prepare_spec(loaded: LoadedModel, lidc_root: Path) -> PrepareSpec:
-    """What preparing scans of ``lidc_root`` for this checkpoint needs: its trained settings and training crops."""
+def prepare_spec(loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings | None = None) -> PrepareSpec:
+    """What preparing scans of ``lidc_root`` for this checkpoint needs: its trained settings and training crops, and
+    with ``settings`` what it takes to make the model inputs there too."""
+    inputs = {} if settings is None else {"input_config": loaded.input_config, "views": tuple(settings.views),
+                                          "volume": settings.volume}
     return PrepareSpec(lidc_root=Path(lidc_root), config=trained_config(loaded),
-                       training_crops=training_crop_files(loaded.data, lidc_root))
+                       training_crops=training_crop_files(loaded.data, lidc_root), **inputs)
+
+
+def _inputs_of(nodule: PreparedNodule, loaded: LoadedModel, settings: ExplainSettings) -> tuple[torch.Tensor, Mapping]:
+    """The nodule's model inputs: those made when it was prepared (by a spec of :func:`prepare_spec` with these
+    settings), or made now."""
+    if nodule.inputs is not None and nodule.rows is not None:
+        return torch.from_numpy(nodule.inputs), nodule.rows
+    return model_inputs(sitk.GetArrayFromImage(nodule.crop), loaded.input_config, settings.views, settings.volume)
 
 
 def _radiologists(labels: Mapping[str, Any]) -> dict[str, float | None]:
     values = {MALIGNANCY: labels.get("malignancy_median")}
     values |= {name: labels.get(BIOMARKER_COLUMNS[name]) for name in BIOMARKERS}
     return {k: (None if v is None else float(v)) for k, v in values.items()}
-
-
-def model_inputs(crop_hu: np.ndarray, input_config: InputConfig, views: Sequence[str],
-                 volume: bool) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """The model inputs of one (z, y, x) HU crop: every slice of every view (``volume``) or each view's centre
-    slice, and per view the slice indices they are, in view order."""
-    crop_hu = np.asarray(crop_hu, dtype=np.float32)
-    rows = {view: np.arange(crop_hu.shape[view_axis(view)]) if volume else np.array([centre_index(crop_hu.shape, view)])
-            for view in views}
-    images = torch.cat([to_model_input(view_stack(crop_hu, view)[rows[view]], input_config) for view in views])
-    return images, rows
 
 
 def _joined(parts: Sequence[Explanation]) -> Explanation:
@@ -274,8 +274,7 @@ def explain_prepared(prepared: PreparedScan, loaded: LoadedModel, settings: Expl
     start = time.perf_counter()
     names, targets = _map_targets(settings, concept)
     nodules = prepared.nodules
-    inputs = [model_inputs(sitk.GetArrayFromImage(n.crop), loaded.input_config, settings.views, settings.volume)
-              for n in nodules]
+    inputs = [_inputs_of(n, loaded, settings) for n in nodules]
     inputs_s = time.perf_counter() - start
     start = time.perf_counter()
     per_nodule = [len(images) for images, _ in inputs]

