@@ -127,8 +127,10 @@ def _run_preprocess(args: argparse.Namespace) -> dict:
 def _run_explain(args: argparse.Namespace) -> dict:
     from ctcdam.workflows.explain_benchmark import benchmark_explain
 
+    # one torch thread unless --threads says otherwise: on a shared CPU, spinning OpenMP threads cost more than
+    # they give to a model this small (the same choice as configs/demo.yaml's training)
     data = benchmark_explain(checkpoint=args.checkpoint, scan_ids=args.scans, workers=args.workers,
-                             threads=args.threads, extra_args=("--no-volume",) if args.no_volume else ())
+                             threads=args.threads or 1, extra_args=("--no-volume",) if args.no_volume else ())
     if not args.json:
         wall = data["wall_seconds"]
         print(f"explain {data['nodules']} nodules of {', '.join(data['scans'])} ({data['workers']} worker(s))")

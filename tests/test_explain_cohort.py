@@ -118,6 +118,19 @@ def test_split_test_writes_every_bundle_of_the_fold_the_index_and_the_worklist(f
             assert float(row["readers_malignancy"]) == nodule["radiologists"]["malignancy"]
     assert _rows(out / FAILURES_FILE) == []
 
+    # The worker's long-lived Slicer renderer drew the views as Slicer opens the bundle's .mrb.
+    from ctcdam.export.slicer_render import CAPTION_KEY, compose_views, render_bundle_views, rendering_problem
+
+    if rendering_problem() is None:
+        import numpy as np
+        from PIL import Image
+
+        png = Image.open(out / TEST_SCAN / "views.png")
+        expected = compose_views(render_bundle_views(out / TEST_SCAN / f"{TEST_SCAN}.mrb"), png.text[CAPTION_KEY])
+        written = np.asarray(png.convert("RGB")).astype(int)
+        assert written.shape == expected.shape
+        assert (np.abs(written - expected.astype(int)).max(axis=-1) <= 2).mean() > 0.999
+
     # The worklist written into the cohort folder records a rating through its own code (Slicer's MRML table node).
     pytest.importorskip("slicer", reason="3D Slicer's libraries (slicer-core) are not installed")
     import slicer

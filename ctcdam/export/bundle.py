@@ -158,15 +158,16 @@ def views_caption(scan: ScanResult) -> str:
     return caption
 
 
-def preview_scene(spec: SceneSpec, folder: Path) -> SceneSpec:
+def preview_scene(spec: SceneSpec, folder: Path, ct_file: Path | None = None) -> SceneSpec:
     """The scene ``spec`` with only what its slice views show when it opens (the foreground map among the maps),
-    its files named by absolute paths under ``folder``: it renders exactly as the whole scene opens, without
-    reading the maps no view shows (99 of 100 volumes for 11 nodules and 9 targets)."""
+    its files named by absolute paths under ``folder`` (the CT by ``ct_file`` when given): it renders exactly as
+    the whole scene opens, without reading the maps no view shows (99 of 100 volumes for 11 nodules, 9 targets)."""
     def absolute(name: str | None) -> str | None:
         return None if name is None else str(Path(folder).resolve() / name)
 
     shown = tuple(replace(m, file=absolute(m.file)) for m in spec.maps if m.file == spec.foreground_file)
-    return replace(spec, ct_file=absolute(spec.ct_file), color_table_file=absolute(spec.color_table_file), maps=shown,
+    ct = str(Path(ct_file).resolve()) if ct_file is not None else absolute(spec.ct_file)
+    return replace(spec, ct_file=ct, color_table_file=absolute(spec.color_table_file), maps=shown,
                    foreground_file=absolute(spec.foreground_file), segmentation_file=absolute(spec.segmentation_file),
                    markups_file=absolute(spec.markups_file), table_file=absolute(spec.table_file))
 
@@ -180,9 +181,12 @@ def _write_views(folder: Path, spec: SceneSpec, scan: ScanResult, views: ViewsWr
         log.info("views.png not written: 3D Slicer's libraries (slicer-core) are not installed")
         return
     with tempfile.TemporaryDirectory(prefix="ctcdam-preview-") as scratch:
-        # not an atomic write: the preview is scratch, and its folder goes when the views are drawn
+        # Scratch, not outputs (no atomic writes): the preview scene, and the CT as SimpleITK's uncompressed .nii
+        # of the same image (the same header and voxels as ct.nii.gz): the renderer need not inflate the CT again.
+        ct = Path(scratch) / "ct.nii"
+        sitk.WriteImage(ct_volume(scan.ct), str(ct), useCompression=False)
         preview = Path(scratch) / f"{scan.scan_id}-preview.mrml"
-        preview.write_text(scene_text(preview_scene(spec, folder)))
+        preview.write_text(scene_text(preview_scene(spec, folder, ct)))
         (views or write_views_png_isolated)(preview, folder / naming.VIEWS_FILE, views_caption(scan))
 
 

@@ -9,24 +9,19 @@ opened, so a rendering shows the views exactly as the scene opens them (research
 
 ``write_views_png`` renders the three views into ``views.png``; ``write_views_png_isolated`` does it in a
 child process (``python -m ctcdam.export.slicer_render``) so that a crash in native code or a missing EGL
-library costs the caller one log line and no bundle. ``ViewsRenderer`` keeps one such child for a whole cohort
-run (``--serve``: one request per line), so Python, VTK and Slicer start once, not once per bundle (about
-2.5 s of the ~5 s a bundle's views cost on the 2-core machine). ``slicer-core`` is optional: nothing here is
-imported at module import time.
+library costs the caller one log line and no bundle (``ctcdam.export.views_renderer`` keeps one such child
+for a whole cohort run). ``slicer-core`` is optional: nothing here is imported at module import time.
 """
 from __future__ import annotations
 
 import ctypes.util
 import glob
 import importlib.util
-import json
 import logging
 import os
-import select
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -350,7 +345,7 @@ def write_views_png_isolated(mrb: Path, path: Path, caption: str = "", timeout_s
         return None
     # The child renders into a scratch folder and this process publishes the PNG, so the bundle's writes (and
     # their fault-injection points, which the child does not inherit) all happen in the process that owns them.
-    env = _child_environment()
+    env = child_environment()
     with tempfile.TemporaryDirectory(prefix="ctcdam-views-") as scratch:
         rendered = Path(scratch) / "views.png"
         command = [sys.executable, "-m", "ctcdam.export.slicer_render", str(Path(mrb).resolve()), str(rendered)]
@@ -368,134 +363,22 @@ def write_views_png_isolated(mrb: Path, path: Path, caption: str = "", timeout_s
         return io.write_bytes(path, rendered.read_bytes())
 
 
-#: Prefix of the serving child's replies (anything else a library prints on stdout is ignored).
-_REPLY = b"ctcdam-views "
-
-
-def _child_environment() -> dict[str, str]:
-    # The child's writes are not the bundle's: no fault injection there (the parent publishes the PNG).
+def child_environment() -> dict[str, str]:
+    """The environment of a rendering child: EGL for VTK, and no fault injection (the child's writes are scratch;
+    the parent publishes the PNG)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTCDAM_FAULT")}
     return {**env, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
 
 
-class ViewsRenderer:
-    """``views.png`` of bundle after bundle from one long-lived Slicer child process; call it like
-    ``write_views_png_isolated`` (None, with one log line, when a view cannot be made). Use as a context manager.
-
-    A request that crashes or outlasts ``timeout_s`` costs that bundle its views.png: the child is replaced.
-    """
-
-    def __init__(self, timeout_s: float = 180.0):
-        self.timeout_s = timeout_s
-        self._child: subprocess.Popen | None = None
-        self._buffer = b""
-        self._scratch: tempfile.TemporaryDirectory | None = None
-        self._requests = 0
-
-    def __enter__(self) -> Self:
-        self._scratch = tempfile.TemporaryDirectory(prefix="ctcdam-views-")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
-        if self._scratch is not None:
-            self._scratch.cleanup()
-
-    def _start(self) -> subprocess.Popen:
-        self._buffer = b""
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", "ctcdam.export.slicer_render", "--serve"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_environment(), bufsize=0)
-        return self._child
-
-    def _stop(self) -> None:
-        child, self._child = self._child, None
-        if child is None:
-            return
-        try:
-            child.stdin.close()
-            child.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            child.kill()
-            child.wait()
-
-    def _reply(self, child: subprocess.Popen) -> dict | None:
-        """The child's next reply, or None when it died or ran out of time."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            line, newline, rest = self._buffer.partition(b"\n")
-            if newline:
-                self._buffer = rest
-                if line.startswith(_REPLY):
-                    return json.loads(line[len(_REPLY):])
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([child.stdout], [], [], remaining)[0]:
-                return None
-            chunk = os.read(child.stdout.fileno(), 65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-
-    def __call__(self, mrb: Path, path: Path, caption: str = "") -> Path | None:
-        """Render ``mrb``'s views into ``path``; None with one log line when they cannot be made."""
-        problem = rendering_problem()
-        if problem:
-            log.info("views.png skipped: %s", problem)
-            return None
-        child = self._child if self._child is not None and self._child.poll() is None else self._start()
-        self._requests += 1
-        rendered = Path(self._scratch.name) / f"views-{self._requests}.png"
-        request = {"mrb": str(Path(mrb).resolve()), "png": str(rendered), "caption": caption}
-        try:
-            child.stdin.write((json.dumps(request) + "\n").encode())
-        except OSError:
-            reply = None
-        else:
-            reply = self._reply(child)
-        if reply is None:
-            log.warning("views.png skipped: Slicer's rendering process stopped or took more than %.0f s", self.timeout_s)
-            self._stop()
-            return None
-        if not reply.get("ok") or not rendered.is_file():
-            log.warning("views.png skipped: Slicer's rendering failed (%s)", reply.get("error", "no image"))
-            return None
-        try:
-            return io.write_bytes(path, rendered.read_bytes())
-        finally:
-            rendered.unlink(missing_ok=True)
-
-
-def _serve() -> int:
-    """Render one request per stdin line ({"mrb", "png", "caption"}), one reply line each, until stdin closes."""
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        try:
-            write_views_png(Path(request["mrb"]), Path(request["png"]), request.get("caption", ""))
-            reply = {"ok": True}
-        except Exception as error:  # one bundle's failure must not end the renderer of the others
-            reply = {"ok": False, "error": f"{type(error).__name__}: {' '.join(str(error).split())}"}
-        sys.stdout.buffer.write(_REPLY + json.dumps(reply).encode() + b"\n")
-        sys.stdout.buffer.flush()
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ctcdam.export.slicer_render BUNDLE.mrb OUT.png [--caption TEXT]``, or ``--serve``."""
+    """``python -m ctcdam.export.slicer_render BUNDLE.mrb OUT.png [--caption TEXT]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mrb", type=Path, nargs="?")
-    parser.add_argument("png", type=Path, nargs="?")
+    parser.add_argument("mrb", type=Path)
+    parser.add_argument("png", type=Path)
     parser.add_argument("--caption", default="")
-    parser.add_argument("--serve", action="store_true", help="render the requests read from stdin (ViewsRenderer)")
     args = parser.parse_args(argv)
-    if args.serve:
-        return _serve()
-    if args.mrb is None or args.png is None:
-        parser.error("give BUNDLE.mrb and OUT.png, or --serve")
     try:
         write_views_png(args.mrb, args.png, args.caption)
     except (SlicerUnavailable, SlicerLoadError) as error:

@@ -261,7 +261,7 @@ def _explain_cohort(todo: Sequence[str], pool: Any, loaded: Any, settings: Any, 
         outcome = pool.next_outcome()
         (preparing if outcome.kind == PREPARE else writing).discard(outcome.scan_id)
         if outcome.output_error:
-            raise io.OutputError(28, outcome.output_error)
+            raise io.OutputError(outcome.output_errno, outcome.output_error)
         if outcome.lost:
             continue
         if not outcome.ok:
@@ -297,8 +297,20 @@ def bundle_settings(loaded: Any, checkpoint: Path, lidc_root: Path, settings: An
         "method_options": dict(settings.method_options), "preprocess": trained_config(loaded).as_record()})
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A run's model, data root, cohort, this shard's scans (and which of them are still to explain), settings."""
+
+    loaded: Any
+    lidc_root: Path
+    selected: list[str]
+    mine: list[str]
+    todo: list[str]
+    record_settings: dict[str, Any]
+
+
 def _plan(out_root: Path, checkpoint: Path, lidc_root: Path | None, explicit: Sequence[str], split: str | None,
-          shard: tuple[int, int], resume: bool, device: str, options: Mapping[str, Any]) -> tuple:
+          shard: tuple[int, int], resume: bool, device: str, settings: Any) -> _Plan:
     """Load the model, select the cohort and this shard's scans still to explain (re-verifying finished ones)."""
     from ctcdam.export.bundle import unit_problem
     from ctcdam.models.checkpoint import load_for_inference
@@ -310,7 +322,7 @@ def _plan(out_root: Path, checkpoint: Path, lidc_root: Path | None, explicit: Se
             check_scan_present(scan_id, lidc_root)
     lidc_root = Path(lidc_root)
     selected = sorted(explicit if split is None else split_scans(loaded.data, split), key=_natural)
-    record_settings = bundle_settings(loaded, checkpoint, lidc_root, _settings(**options))
+    record_settings = bundle_settings(loaded, checkpoint, lidc_root, settings)
     mine = selected[shard[0]::shard[1]]
     todo = []
     for scan_id in mine:
@@ -321,7 +333,8 @@ def _plan(out_root: Path, checkpoint: Path, lidc_root: Path | None, explicit: Se
             log.warning("resume: redoing %s: %s", scan_id, problem)
         todo.append(scan_id)
     log.info("cohort: %d scan(s) selected, %d in this shard, %d to explain", len(selected), len(mine), len(todo))
-    return loaded, lidc_root, selected, todo, len(mine), record_settings
+    return _Plan(loaded=loaded, lidc_root=lidc_root, selected=selected, mine=mine, todo=todo,
+                 record_settings=record_settings)
 
 
 def run_cohort(
@@ -369,19 +382,18 @@ def run_cohort(
         log.info("removed %s left by an interrupted run", stale)
     # The workers start first: their imports run while this process imports torch and loads the model.
     with worker_pool(workers, out_root) as pool:
-        loaded, lidc_root, selected, todo, scan_count, record_settings = _plan(
-            out_root, checkpoint, lidc_root, explicit, split, shard, resume, device,
-            dict(method=method, targets=targets, views=views, volume=volume, concept=concept,
-                 method_options=method_options))
-        if todo:
-            _explain_cohort(todo, pool, loaded, _settings(method, targets, views, volume, concept, method_options),
-                            concept, batch, out_root, record_settings, checkpoint, lidc_root)
-    parts = split_nodules(loaded.data)
-    rows, failures, counts = assemble_index(out_root, selected, record_settings, parts, sort_by)
+        settings = _settings(method, targets, views, volume, concept, method_options)
+        plan = _plan(out_root, checkpoint, lidc_root, explicit, split, shard, resume, device, settings)
+        if plan.todo:
+            _explain_cohort(plan.todo, pool, plan.loaded, settings, concept, batch, out_root, plan.record_settings,
+                            checkpoint, plan.lidc_root)
+    parts = split_nodules(plan.loaded.data)
+    rows, failures, counts = assemble_index(out_root, plan.selected, plan.record_settings, parts, sort_by)
     _write_table(out_root / worklist.INDEX_FILE, INDEX_COLUMNS, rows)
     _write_table(out_root / FAILURES_FILE, FAILURE_COLUMNS, failures)
     write_review_cohort(out_root)
-    return CohortOutcome(out_root=out_root, checkpoint=Path(checkpoint), lidc_root=lidc_root,
-                         scans_selected=len(selected), scans_run=len(todo), scans_resumed=scan_count - len(todo),
+    return CohortOutcome(out_root=out_root, checkpoint=Path(checkpoint), lidc_root=plan.lidc_root,
+                         scans_selected=len(plan.selected), scans_run=len(plan.todo),
+                         scans_resumed=len(plan.mine) - len(plan.todo),
                          scans_ok=counts["ok"], scans_failed=counts["failed"], scans_pending=counts["pending"],
                          nodules=counts["nodules"], seconds=time.perf_counter() - started)

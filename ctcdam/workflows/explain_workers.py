@@ -1,9 +1,10 @@
 """The processes of a cohort explain run that load, crop and write while the model works in the main process.
 
 Two stages of a scan need no model: preparing it (series, clusters, consensus, crops, and with two or more
-workers the model inputs; ``explain_prepare.prepare_scan``) and writing its bundle (``ctcdam.export.bundle.write_bundle``). ``WorkerPool`` runs
-them in ``n`` spawned processes (spawn: pylidc's SQLite session never crosses a fork); each process keeps one
-``ViewsRenderer`` for all the bundles it writes, so Slicer starts once per worker, not once per bundle.
+workers the model inputs; ``explain_prepare.prepare_scan``) and writing its bundle
+(``ctcdam.export.bundle.write_bundle``). ``WorkerPool`` runs them in ``n`` spawned processes (spawn: pylidc's
+SQLite session never crosses a fork); each process keeps one ``ViewsRenderer`` for all the bundles it writes, so
+Slicer starts once per worker, not once per bundle.
 ``InlineWorkers`` is the same interface run in the calling process (``--workers 0``: no process boundary, which
 the deterministic kill tests need). A task never raises: its outcome says what failed, at which stage, and why.
 A worker that dies (out of memory, a crash in native code) loses its task: the scan gets no record and the next
@@ -23,7 +24,7 @@ from typing import Any, Self
 
 from ctcdam import io
 from ctcdam.export.bundle import write_bundle
-from ctcdam.export.slicer_render import ViewsRenderer
+from ctcdam.export.views_renderer import ViewsRenderer
 from ctcdam.workflows.explain_prepare import PrepareSpec, prepare_scan
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TaskOutcome:
     stage: str = ""  # where it failed: "load" (preparing) or "write"
     reason: str = ""
     output_error: str = ""  # the disk, not the scan: the run stops
+    output_errno: int = 0
     lost: bool = False  # the worker died: no outcome, the scan stays pending
 
     @property
@@ -65,7 +67,7 @@ def run_task(kind: str, scan_id: str, payload: Any, out_root: Path, views: Views
         result, record = payload
         return TaskOutcome(kind, scan_id, value=write_bundle(result, out_root, record=record, views=views))
     except io.OutputError as error:
-        return TaskOutcome(kind, scan_id, output_error=str(error))
+        return TaskOutcome(kind, scan_id, output_error=str(error), output_errno=error.errno or 0)
     except Exception as error:  # one scan's problem must not end the cohort
         return TaskOutcome(kind, scan_id, stage="load" if kind == PREPARE else "write", reason=_reason(error))
 
@@ -97,10 +99,20 @@ class InlineWorkers:
         return self._done.popleft()
 
 
-def _work(tasks: Any, outcomes: Any, out_root: Path) -> None:
+def _next_task(tasks: Any, parent: int) -> tuple | None:
+    """The next task, or None at the sentinel or when the run's process is gone (killed: nobody would read on)."""
+    while True:
+        try:
+            return tasks.get(timeout=_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def _work(tasks: Any, outcomes: Any, out_root: Path, parent: int) -> None:
     """A worker process: tasks until the None sentinel, one ViewsRenderer for all of its bundles."""
     with ViewsRenderer() as views:
-        for kind, scan_id, payload in iter(tasks.get, None):
+        for kind, scan_id, payload in iter(lambda: _next_task(tasks, parent), None):
             outcomes.put(("started", os.getpid(), kind, scan_id))
             outcomes.put(("done", os.getpid(), run_task(kind, scan_id, payload, out_root, views)))
 
@@ -113,8 +125,9 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         self._tasks = self._context.Queue()
         self._outcomes = self._context.Queue()
-        self._processes = [self._context.Process(target=_work, args=(self._tasks, self._outcomes, Path(out_root)),
-                                                 daemon=True) for _ in range(size)]
+        self._processes = [self._context.Process(target=_work, daemon=True,
+                                                 args=(self._tasks, self._outcomes, Path(out_root), os.getpid()))
+                           for _ in range(size)]
         self._submitted = 0
         self._running: dict[int, tuple[str, str]] = {}  # pid -> the task it took
         self._lost: deque[TaskOutcome] = deque()

@@ -272,13 +272,14 @@ def _root_folder() -> str:
     return os.getcwd()
 
 
-def open_nodule(root: str, row: Dict[str, str], reader: str = "") -> Any:
-    """Slicer only: open the row's bundle (replacing the scene), centre the views on the nodule with its malignancy
-    map as foreground, and put the worklist table back (the new scene has none); returns the table."""
+def open_nodule(root: str, row: Dict[str, str], reader: str = "", load: bool = True) -> Any:
+    """Slicer only: open the row's bundle (replacing the scene; ``load=False``: it is open already), centre the views
+    on the nodule with its malignancy map as foreground, and put the worklist table back; returns the table."""
     import slicer
 
     where = nodule_view(root, row)
-    slicer.util.loadScene(where["mrb"], {"clear": True})
+    if load:
+        slicer.util.loadScene(where["mrb"], {"clear": True})
     x, y, z = where["centroid_lps"]
     slicer.modules.markups.logic().JumpSlicesToLocation(-x, -y, z, True)  # LPS -> RAS
     maps = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n.GetName() == where["map_name"]]
@@ -312,12 +313,14 @@ def main() -> None:
     layout.addRow("comment", comment)
     buttons = qt.QHBoxLayout()
     layout.addRow(buttons)
-    state = {"row": 0, "table": None}
+    state = {"row": 0, "table": None, "scan": None}
 
     def show(row: int) -> None:
         state["row"] = max(0, min(row, len(rows) - 1))
         current = rows[state["row"]]
-        state["table"] = open_nodule(root, current, reader.text)
+        # the next nodule of the same scan is in the open bundle already
+        state["table"] = open_nodule(root, current, reader.text, load=current["scan_id"] != state["scan"])
+        state["scan"] = current["scan_id"]
         where.setText(f"{state['row'] + 1}/{len(rows)}: {current['nodule_id']}  p(malignancy) "
                       f"{current.get('pred_malignancy', '')}  readers {current.get('readers_malignancy', '')}")
         comment.setText(_cell(state["table"], state["row"], "comment"))
