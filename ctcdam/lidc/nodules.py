@@ -49,8 +49,11 @@ class AnnotationFeatures:
     diameter_mm: float
 
 
-def annotation_features(annotation) -> AnnotationFeatures:
-    """The integer columns of a pylidc Annotation (no string property, which asserts on code 5)."""
+def annotation_features(annotation, diameter_mm: float | None = None) -> AnnotationFeatures:
+    """The integer columns of a pylidc Annotation (no string property, which asserts on code 5).
+
+    ``diameter_mm`` replaces pylidc's ``annotation.diameter`` when the caller computed it already.
+    """
     return AnnotationFeatures(
         annotation_id=int(annotation.id),
         subtlety=int(annotation.subtlety),
@@ -62,7 +65,7 @@ def annotation_features(annotation) -> AnnotationFeatures:
         spiculation=int(annotation.spiculation),
         texture=int(annotation.texture),
         malignancy=int(annotation.malignancy),
-        diameter_mm=float(annotation.diameter),
+        diameter_mm=float(annotation.diameter if diameter_mm is None else diameter_mm),
     )
 
 

@@ -23,7 +23,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist, pdist
 
 from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.nodules import MAX_READERS, AnnotationFeatures, Cluster
+from ctcdam.lidc.nodules import MAX_READERS, AnnotationFeatures, Cluster, annotation_features
 
 #: pylidc's cluster_annotations defaults (metric "min"): shrink factor and the smallest tolerance tried.
 _CLUSTER_FACTOR, _CLUSTER_MIN_TOL = 0.9, 1e-1
@@ -149,19 +149,7 @@ class ScanAnnotations:
 
     def features(self, annotation: Any) -> AnnotationFeatures:
         """``ctcdam.lidc.nodules.annotation_features`` with the diameter computed from the parsed contours."""
-        return AnnotationFeatures(
-            annotation_id=int(annotation.id),
-            subtlety=int(annotation.subtlety),
-            internal_structure=int(annotation.internalStructure),
-            calcification=int(annotation.calcification),
-            sphericity=int(annotation.sphericity),
-            margin=int(annotation.margin),
-            lobulation=int(annotation.lobulation),
-            spiculation=int(annotation.spiculation),
-            texture=int(annotation.texture),
-            malignancy=int(annotation.malignancy),
-            diameter_mm=self.diameter(annotation),
-        )
+        return annotation_features(annotation, self.diameter(annotation))
 
 
 def _contour_rows(annotation_ids: Sequence[int]) -> list[tuple]:
