@@ -42,6 +42,7 @@ EXAMPLES = """\
   python pipelines/evaluate.py --checkpoint outputs/train/lidc-20250101-120000/best.ckpt --targets malignancy,spiculation --device cuda
   python pipelines/evaluate.py --benchmark known-cause --json    # painted causes: generates, trains, evaluates
   python pipelines/evaluate.py --benchmark known-cause --depth 8 --max-nodules 40
+  python pipelines/evaluate.py --benchmark known-cause --checkpoint <run>/best.ckpt --no-scan-space
 """
 
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=positive_int, default=4, help="--benchmark: blocks of its ViT (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=60, help="--benchmark: training epochs (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="--benchmark: print one JSON object last")
+    parser.add_argument("--no-scan-space", dest="scan_space", action="store_false",
+                        help="--benchmark: skip the scan-space step (explain the test scans with 3D malignancy maps "
+                             "and test each map's mass centre against the dilated cause masks; minutes on a CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="--benchmark: the short version (the default set's 45 scans, 30 epochs, 8 nodules, fast "
                              "methods), as make demo runs it")
@@ -76,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_threads(parser)
     add_verbosity(parser)
     args = parser.parse_args(argv)
-    if (args.json or args.quick) and not args.benchmark:
-        parser.error("--json and --quick go with --benchmark")
+    if (args.json or args.quick or not args.scan_space) and not args.benchmark:
+        parser.error("--json, --quick and --no-scan-space go with --benchmark")
     return args
 
 
@@ -94,10 +98,13 @@ def _run_benchmark(args: argparse.Namespace, console: Console) -> int:
         epochs=30 if quick and args.epochs == 60 else args.epochs, scans=DEFAULT_SCANS if quick else KNOWN_CAUSE_SCANS,
         methods=methods, max_nodules=args.max_nodules or (8 if quick else None),
         sanity_nodules=0 if quick else args.sanity_nodules, device=args.device, threads=args.threads,
+        scan_space=args.scan_space,
     )
     run_dir, summary = run_benchmark(settings)
     console.print(f"known-cause benchmark written to {run_dir} (tables: {run_dir / 'ground_truth.csv'}, "
-                  f"{run_dir / 'summary.md'}; picture: {run_dir / 'known_cause.png'})", soft_wrap=True)
+                  f"{run_dir / 'summary.md'}"
+                  f"{'; ' + str(run_dir / 'scan_space.csv') if args.scan_space else ''}; picture: "
+                  f"{run_dir / 'known_cause.png'})", soft_wrap=True)
     if args.json:
         print(json.dumps(summary))
     return 0

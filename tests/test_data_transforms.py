@@ -73,3 +73,26 @@ def test_intensity_jitter_scales_and_shifts_the_unit_image():
     hu = np.full((16, 16), -300.0)  # 0.5 after the window
     got = slice_transform(CFG, SliceAugmentation(scale=1.1, shift=0.02))(hu)
     assert torch.allclose(got[0], torch.full((32, 32), (0.5 * 1.1 + 0.02 - MEAN[0]) / STD[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("img_size", [32, 24, 224])
+@pytest.mark.parametrize("shape", [(32, 32, 32), (5, 48, 40), (7, 20, 24), (3, 32, 17), (1, 64, 64), (2, 9, 300)])
+def test_stack_equals_slice_by_slice(img_size, shape):
+    # to_model_input runs one transform on the whole stack; it must give what slice_transform gives each slice, to
+    # float32 rounding (the resize unchanged, antialiased when shrinking and upsampled when growing, on both axes or one)
+    cfg = InputConfig(img_size=img_size, window=(-1000.0, 400.0), mean=MEAN, std=STD)
+    hu = np.random.default_rng(sum(shape) + img_size).normal(-300.0, 700.0, size=shape).astype(np.float32)
+    transform = slice_transform(cfg)
+    expected = torch.stack([transform(s) for s in hu])
+    got = to_model_input(hu, cfg)
+    assert got.shape == expected.shape and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_stack_and_non_contiguous_views():
+    assert to_model_input(np.zeros((0, 16, 16)), CFG).shape == (0, 3, 32, 32)
+    volume = np.random.default_rng(3).normal(-300.0, 700.0, size=(16, 20, 24)).astype(np.float32)
+    sagittal = np.moveaxis(volume, 2, 0)  # the view stacks explain makes are strided views of the crop
+    transform = slice_transform(CFG)
+    torch.testing.assert_close(to_model_input(sagittal, CFG), torch.stack([transform(s) for s in sagittal]),
+                               rtol=1e-6, atol=1e-6)

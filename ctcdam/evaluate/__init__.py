@@ -2,7 +2,8 @@
 
 ``evaluate(EvaluationConfig(checkpoint=...))`` is what ``pipelines/evaluate.py`` calls. ``inputs`` reads the test
 fold (central view slices, tokens inside the dilated consensus mask), ``run`` explains and scores every batch
-with every method, ``summary`` and ``plots`` write the report. The metric definitions live in the engine,
+with every method, ``summary`` and ``plots`` write the report; ``ground_truth`` and ``scan_space`` score maps against
+painted cause masks (the known-cause benchmark), on the view slices and on the exported 3D maps in world space. The metric definitions live in the engine,
 ``ctcdam.explain.metrics``.
 """
 from ctcdam.evaluate.run import (

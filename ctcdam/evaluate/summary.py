@@ -59,6 +59,19 @@ def confidence_interval(
     return mean, max(float(low), bounds[0]), min(float(high), bounds[1]), n
 
 
+def wilson_interval(hits: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """(rate, low, high) of ``hits`` out of ``n``: the Wilson score interval (NaN for n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan"), float("nan")
+    if not 0 <= hits <= n:
+        raise ValueError(f"hits must lie in [0, n], got {hits} of {n}")
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    rate = hits / n
+    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2))
+    return rate, max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def per_nodule(frame: pd.DataFrame, value_columns: Sequence[str]) -> pd.DataFrame:
     """Mean of each column per method and nodule (over views and targets): the unit the intervals are over."""
     return frame.groupby(["method", "nodule_id"], sort=False)[list(value_columns)].mean().reset_index()

@@ -39,6 +39,12 @@ targets: maps are ``Explanation.maps``, shape (B, T, grid_h, grid_w), signed, on
   without negative relevance; cause_auroc = AUROC of the map value as a detector of cause tokens (Mann-Whitney,
   ties count one half; ``ground_truth_scores`` uses |S| against evidence and counter-evidence tokens), NaN
   when an image has no cause token or only cause tokens.
+* Scan space (the exported 3D map in world coordinates, against a cause mask on its own grid). The positive
+  (negative) mass centre = sum of max(v, 0) (max(-v, 0)) times the voxel centre's world position / the sum of
+  those weights; undefined (NaN) without such mass. A mask is the solid union of its voxels (each the box of its
+  extent, through the affine); distance_to_mask = the Euclidean distance in mm from a point to that solid (0
+  inside), and a point lies in the mask dilated by r mm when that distance is <= r: a dilation in mm on any grid,
+  anisotropic or rotated, not in voxels.
 """
 from __future__ import annotations
 
@@ -488,3 +494,71 @@ def ground_truth_scores(
         "counter_evidence_share": counter,
         "cause_auroc": cause_auroc(maps.abs(), causes),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scan space: a 3D map's mass centre in world coordinates against a cause mask (plain numpy: any NIfTI reader)
+
+#: Dilation of the cause masks in scan space, in mm (as the 2D views' masks).
+SCAN_SPACE_DILATION_MM = 1.0
+
+
+def _affine(affine: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"a voxel-to-world affine is a finite 4x4 matrix, got shape {matrix.shape}")
+    return matrix
+
+
+def voxel_positions(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """World positions (N, 3) of the voxel centres of an array of ``shape`` (C order), by a 4x4 voxel-to-world affine."""
+    matrix = _affine(affine)
+    index = np.indices(tuple(int(n) for n in shape), dtype=np.float64).reshape(len(shape), -1)
+    return (matrix[:3, :3] @ index).T + matrix[:3, 3]
+
+
+def signed_mass_centre(values: np.ndarray, positions: np.ndarray, sign: int = 1) -> np.ndarray:
+    """Mass centre (3,) of the positive (``sign`` = 1) or negative (-1) part of ``values`` (N,) at ``positions`` (N, 3).
+
+    NaN where the values hold no mass of that sign (or are not finite).
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be 1 (evidence) or -1 (counter-evidence), got {sign}")
+    weights = np.maximum(sign * np.asarray(values, dtype=np.float64).reshape(-1), 0.0)
+    points = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    if len(weights) != len(points):
+        raise ValueError(f"{len(weights)} values for {len(points)} positions")
+    total = weights.sum()
+    if not np.isfinite(total) or total <= 0:
+        return np.full(3, np.nan)
+    return weights @ points / total
+
+
+def distance_to_mask(point: Sequence[float], mask: np.ndarray, affine: np.ndarray) -> float:
+    """Distance in mm from a world point to the solid union of the mask's voxels (0 inside; inf for an empty mask).
+
+    The affine's columns must be orthogonal (any rotation, flip and anisotropic spacing; no shear), so the
+    nearest point of each voxel box is the point's continuous index clamped to the box, axis by axis.
+    """
+    matrix = _affine(affine)
+    columns = matrix[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    gram = columns.T @ columns
+    if np.any(spacing <= 0) or not np.allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-6 * spacing.max() ** 2):
+        raise ValueError("distance_to_mask needs an affine with orthogonal, non-zero columns (no shear)")
+    target = np.asarray(point, dtype=np.float64)
+    cells = np.argwhere(np.asarray(mask) > 0).astype(np.float64)
+    if not np.all(np.isfinite(target)) or not len(cells):
+        return float("nan") if not np.all(np.isfinite(target)) else float("inf")
+    continuous = np.linalg.solve(columns, target - matrix[:3, 3])
+    # Per axis, how far outside the voxel's half-width box the point lies, in mm along that (orthogonal) axis.
+    outside = np.maximum(np.abs(continuous - cells) - 0.5, 0.0) * spacing
+    return float(np.sqrt((outside**2).sum(-1)).min())
+
+
+def inside_dilated_mask(
+    point: Sequence[float], mask: np.ndarray, affine: np.ndarray, dilation_mm: float = SCAN_SPACE_DILATION_MM
+) -> bool:
+    """Whether a world point lies in the mask dilated by ``dilation_mm`` (within that distance of a mask voxel)."""
+    distance = distance_to_mask(point, mask, affine)
+    return bool(np.isfinite(distance) and distance <= dilation_mm + 1e-9)

@@ -1,5 +1,10 @@
 """The review bundle ``OUT/<scan_id>/`` of an explained scan (DESIGN.md §7).
 
+A scan whose nodules carry known causes (the known-cause set) also gets ``causes.seg.nrrd``: one segment per
+nodule and painted cause, named ``cause: spicules`` or ``cause: calcification``, in the scene as the segmentation
+*Known causes*. It is a file of its own because the calcification lies inside the nodule's segment and a labelmap
+layer holds one segment per voxel; other bundles are written exactly as before.
+
 Everything is written into a staging folder beside ``OUT/<scan_id>`` and renamed to it at the end
 (``ctcdam.io.atomic_dir``), so an interrupted run never leaves a half-written bundle under the final name (a
 previous bundle stays intact until the new one is complete). Staging folders of runs that died are removed
@@ -30,7 +35,7 @@ import SimpleITK as sitk
 from ctcdam import io
 from ctcdam.data.views import VIEWS
 from ctcdam.export import naming
-from ctcdam.export.colors import TRANSPARENT_BAND, nodule_color, write_color_table
+from ctcdam.export.colors import TRANSPARENT_BAND, cause_color, nodule_color, write_color_table
 from ctcdam.export.markups import Fiducial, write_fiducials
 from ctcdam.export.paths import prepare_output_root
 from ctcdam.export.report import write_report
@@ -102,6 +107,13 @@ def _segments(scan: ScanResult) -> list[Segment]:
     return segments
 
 
+def _cause_segments(scan: ScanResult) -> list[Segment]:
+    """One segment per nodule and known cause (``cause: <name>``, tagged with the nodule), nodule by nodule."""
+    return [Segment(segment_id=f"cause_{cause}_{nodule.index}", name=f"cause: {cause}", color=cause_color(cause),
+                    mask=mask, tags={"cause": cause, "nodule": f"Nodule {nodule.index}", "nodule_id": nodule.nodule_id})
+            for nodule in scan.nodules for cause, mask in nodule.causes.items()]
+
+
 def _fiducial(nodule: NoduleResult) -> Fiducial:
     probability = nodule.predictions.get(MALIGNANCY)
     label = f"N{nodule.index}" + (f" p(malig)={probability:.2f}" if probability is not None else "")
@@ -169,6 +181,7 @@ def preview_scene(spec: SceneSpec, folder: Path, ct_file: Path | None = None) ->
     ct = str(Path(ct_file).resolve()) if ct_file is not None else absolute(spec.ct_file)
     return replace(spec, ct_file=ct, color_table_file=absolute(spec.color_table_file), maps=shown,
                    foreground_file=absolute(spec.foreground_file), segmentation_file=absolute(spec.segmentation_file),
+                   causes_segmentation_file=absolute(spec.causes_segmentation_file),
                    markups_file=absolute(spec.markups_file), table_file=absolute(spec.table_file))
 
 
@@ -202,11 +215,15 @@ def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -
             for view, file in per_view.items():
                 write_volume(nodule.view_maps[name][view], folder / file, gzip_level=MAP_GZIP_LEVEL)
     write_color_table(folder / naming.COLOR_TABLE_FILE)
-    segmentation_file = markups_file = table_file = None
+    segmentation_file = causes_file = markups_file = table_file = None
     if scan.nodules:
         segmentation_file, markups_file = naming.SEGMENTATION_FILE, naming.MARKUPS_FILE
         table_file = naming.PREDICTIONS_TABLE_FILE
         write_segmentation(_segments(scan), ct_grid, folder / segmentation_file)
+        causes = _cause_segments(scan)
+        if causes:
+            causes_file = naming.CAUSES_SEGMENTATION_FILE
+            write_segmentation(causes, ct_grid, folder / causes_file)
         write_fiducials([_fiducial(n) for n in scan.nodules], folder / markups_file)
         write_predictions_table(scan.nodules, folder / table_file)
         write_report(scan, folder / naming.REPORT_FILE,
@@ -215,7 +232,8 @@ def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -
     maps, foreground = _scene_maps(scan)
     focus, field_of_view = _view_focus(scan, ct_grid)
     spec = SceneSpec(ct_file=naming.CT_FILE, color_table_file=naming.COLOR_TABLE_FILE, maps=tuple(maps),
-                     foreground_file=foreground, segmentation_file=segmentation_file, markups_file=markups_file,
+                     foreground_file=foreground, segmentation_file=segmentation_file,
+                     causes_segmentation_file=causes_file, markups_file=markups_file,
                      table_file=table_file, focus_lps=focus, field_of_view_mm=field_of_view,
                      axis_spacing_mm=axis_spacing_ras(ct_grid))
     scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")

@@ -73,6 +73,20 @@ def write_color_table(path: Path, n_colors: int = 256) -> Path:
     return io.write_text(path, "\n".join(lines) + "\n")
 
 
+#: Colours of the known-cause segments: saturated and dark enough to stand out on the bright soft tissue and
+#: calcium of a lung window, distinct from each other and never the maps' red or blue.
+CAUSE_COLORS: dict[str, tuple[float, float, float]] = {
+    "spicules": (0.0, 0.85, 0.0),
+    "calcification": (0.6, 0.0, 1.0),
+}
+_OTHER_CAUSE_COLOR = (1.0, 0.85, 0.0)
+
+
+def cause_color(cause: str) -> tuple[float, float, float]:
+    """RGB (0-1) of a known-cause segment (one colour per cause, whichever nodule carries it)."""
+    return CAUSE_COLORS.get(cause, _OTHER_CAUSE_COLOR)
+
+
 def nodule_color(index: int) -> tuple[float, float, float]:
     """RGB (0-1) of the k-th nodule (1-based): distinct for every k, never the maps' red or blue.
 

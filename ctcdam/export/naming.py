@@ -14,6 +14,9 @@ SLICER_LABELMAP_NAME_PATTERNS: tuple[re.Pattern[str], ...] = (
 
 CT_FILE = "ct.nii.gz"
 SEGMENTATION_FILE = "nodules.seg.nrrd"
+#: The known causes (spicules, calcification) of a known-cause scan's nodules: a second segmentation, because the
+#: calcification lies inside the nodule's segment and one labelmap layer cannot hold both.
+CAUSES_SEGMENTATION_FILE = "causes.seg.nrrd"
 MARKUPS_FILE = "nodules.mrk.json"
 COLOR_TABLE_FILE = "cdam_diverging.ctbl"
 PREDICTIONS_FILE = "predictions.json"

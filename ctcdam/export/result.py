@@ -19,7 +19,9 @@ class NoduleResult:
     ``predictions`` are in the radiologists' units (malignancy as a probability, biomarkers on their
     scales, diameter in mm); ``model_outputs`` are the raw outputs (malignancy logit, standardised
     biomarkers). ``maps`` holds 3D maps on the crop grid by map name (a target or a concept);
-    ``view_maps[name][view]`` the centre-slice map of each view.
+    ``view_maps[name][view]`` the centre-slice map of each view. ``causes`` (known-cause set only) holds the binary
+    masks of the signs painted on the nodule by cause name (``spicules``, ``calcification``), on any grid: the
+    bundle shows each as a segment on the CT's lattice (nearest neighbour; a mask already on it is copied).
     """
 
     index: int
@@ -34,6 +36,7 @@ class NoduleResult:
     maps: Mapping[str, sitk.Image] = field(default_factory=dict)
     view_maps: Mapping[str, Mapping[str, sitk.Image]] = field(default_factory=dict)
     note: str = ""
+    causes: Mapping[str, sitk.Image] = field(default_factory=dict)
 
     def map_names(self) -> list[str]:
         """Names of every map of this nodule (3D or view), in first-seen order."""

@@ -2,8 +2,8 @@
 
 Run it with ``Slicer --python-script review.py`` (or paste it into Slicer's Python console). It sets the same
 display state as the scene: CT in a lung window, the foreground heat map with the diverging table at the scene's
-opacity and a symmetric window, the nodule outlines (no fill), the centroid fiducials, the predictions table,
-and the slices centred on the scene's focus nodule at the scene's field of view.
+opacity and a symmetric window, the nodule outlines (no fill; a known-cause scan's cause outlines too), the centroid
+fiducials, the predictions table, and the slices centred on the scene's focus nodule at the scene's field of view.
 """
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 
 from ctcdam import io
-from ctcdam.export.scene import LUNG_LEVEL, LUNG_WINDOW, OUTLINE_THICKNESS, SLICE_VIEWS, SceneSpec
+from ctcdam.export.scene import (
+    CAUSES_SEGMENTATION,
+    LUNG_LEVEL,
+    LUNG_WINDOW,
+    NODULES_SEGMENTATION,
+    OUTLINE_THICKNESS,
+    SLICE_VIEWS,
+    SceneSpec,
+)
 
 _TEMPLATE = '''"""Load this CDAM review bundle into 3D Slicer: Slicer --python-script review.py [bundle folder]"""
 import json
@@ -49,8 +57,11 @@ def main():
         display.SetWindowLevel(2.0 * heat["half_window"], 0.0)
         if heat["file"] == BUNDLE["foreground"]:
             foreground = volume
-    if BUNDLE["segmentation"]:
-        segmentation = slicer.util.loadSegmentation(path(BUNDLE["segmentation"]))
+    for file, name in ((BUNDLE["segmentation"], BUNDLE["segmentation_name"]),
+                       (BUNDLE["causes_segmentation"], BUNDLE["causes_segmentation_name"])):
+        if not file:
+            continue
+        segmentation = slicer.util.loadSegmentation(path(file), {{"name": name}})
         outlines = segmentation.GetDisplayNode()
         # Outlines only, as in the scene: a fill would tint the map where it is strongest.
         outlines.SetVisibility2DFill(False)
@@ -87,6 +98,9 @@ def review_script(spec: SceneSpec, focus_lps: tuple[float, float, float] | None 
         "foreground": spec.foreground_file,
         "foreground_opacity": spec.foreground_opacity,
         "segmentation": spec.segmentation_file,
+        "segmentation_name": NODULES_SEGMENTATION,
+        "causes_segmentation": spec.causes_segmentation_file,
+        "causes_segmentation_name": CAUSES_SEGMENTATION,
         "markups": spec.markups_file,
         "table": spec.table_file,
         "outline_thickness": OUTLINE_THICKNESS,

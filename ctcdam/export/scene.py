@@ -10,7 +10,8 @@ What the scene opens on (research/slicer_core.md D1-D5): the three singleton sli
 focus nodule (``SceneSpec.focus_lps``) at a field of view of a few centimetres; the CT in a lung window as
 background; the focus nodule's malignancy map as foreground (colour rule: ``ctcdam.export.colors``); the
 nodule outlines without fill, so they frame the map without covering it; the centroid markers; and a table
-of the predictions beside the radiologists' values (Tables module).
+of the predictions beside the radiologists' values (Tables module). A known-cause scan adds a second segmentation,
+*Known causes* (the painted spicules and calcification), drawn the same way.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ ORIENTATION_ROTATIONS: Mapping[str, tuple[tuple[float, float, float], ...]] = {
 }
 #: Width of the nodule outlines in the slice views (pixels).
 OUTLINE_THICKNESS = 2
+#: Names of the scene's segmentation nodes: the nodules, and the known causes of a known-cause scan.
+NODULES_SEGMENTATION, CAUSES_SEGMENTATION = "Nodules", "Known causes"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class SceneSpec:
     maps: tuple[MapVolume, ...] = ()
     foreground_file: str | None = None
     segmentation_file: str | None = None
+    causes_segmentation_file: str | None = None  #: the known causes' segments (known-cause scans only)
     markups_file: str | None = None
     table_file: str | None = None
     foreground_opacity: float = FOREGROUND_OPACITY
@@ -76,7 +80,7 @@ class SceneSpec:
 
     def files(self) -> list[str]:
         """Every bundle-relative file the scene names."""
-        optional = [self.segmentation_file, self.markups_file, self.table_file]
+        optional = [self.segmentation_file, self.causes_segmentation_file, self.markups_file, self.table_file]
         return [self.ct_file, self.color_table_file, *(m.file for m in self.maps), *(f for f in optional if f)]
 
 
@@ -105,6 +109,17 @@ def _volume(scene: ET.Element, number: int, name: str, file: str, color_node: st
           visibility=True)
     _node(scene, "Volume", id=volume, name=name, storageNodeRef=storage, displayNodeRef=display)
     return volume
+
+
+def _segmentation(scene: ET.Element, number: int, name: str, file: str) -> None:
+    storage, display = f"vtkMRMLSegmentationStorageNode{number}", f"vtkMRMLSegmentationDisplayNode{number}"
+    _node(scene, "SegmentationStorage", id=storage, name=f"{name}_storage", fileName=file)
+    # Outline only: the fill would tint the map exactly where it is strongest (a reviewer can switch it on).
+    _node(scene, "SegmentationDisplay", id=display, name=f"{name}_display", visibility=True, opacity=1.0,
+          Visibility2DFill=False, Visibility2DOutline=True, Opacity2DFill=0.3, Opacity2DOutline=1.0,
+          sliceIntersectionThickness=OUTLINE_THICKNESS)
+    _node(scene, "Segmentation", id=f"vtkMRMLSegmentationNode{number}", name=name, storageNodeRef=storage,
+          displayNodeRef=display)
 
 
 def slice_to_ras(orientation: str, centre_ras: Sequence[float]) -> tuple[float, ...]:
@@ -150,14 +165,9 @@ def scene_document(spec: SceneSpec) -> ET.ElementTree:
     if spec.foreground_file is not None and not foreground:
         raise ValueError(f"the foreground map {spec.foreground_file!r} is not one of the scene's maps")
     if spec.segmentation_file:
-        _node(scene, "SegmentationStorage", id="vtkMRMLSegmentationStorageNode1", name="Nodules_storage",
-              fileName=spec.segmentation_file)
-        # Outline only: the fill would tint the map exactly where it is strongest (a reviewer can switch it on).
-        _node(scene, "SegmentationDisplay", id="vtkMRMLSegmentationDisplayNode1", name="Nodules_display",
-              visibility=True, opacity=1.0, Visibility2DFill=False, Visibility2DOutline=True, Opacity2DFill=0.3,
-              Opacity2DOutline=1.0, sliceIntersectionThickness=OUTLINE_THICKNESS)
-        _node(scene, "Segmentation", id="vtkMRMLSegmentationNode1", name="Nodules",
-              storageNodeRef="vtkMRMLSegmentationStorageNode1", displayNodeRef="vtkMRMLSegmentationDisplayNode1")
+        _segmentation(scene, 1, NODULES_SEGMENTATION, spec.segmentation_file)
+    if spec.causes_segmentation_file:
+        _segmentation(scene, 2, CAUSES_SEGMENTATION, spec.causes_segmentation_file)
     if spec.markups_file:
         _node(scene, "MarkupsJsonStorage", id="vtkMRMLMarkupsJsonStorageNode1", name="Nodule centroids_storage",
               fileName=spec.markups_file)

@@ -69,6 +69,13 @@ def _sub_grid(reference: sitk.Image, low: np.ndarray, high: np.ndarray) -> sitk.
     return grid
 
 
+def covering_grid(reference: sitk.Image, image: sitk.Image) -> sitk.Image | None:
+    """The reference's lattice restricted to the voxels covering ``image``'s box (the sub-grid a mask of that box
+    is placed on), or None when they do not overlap."""
+    box = _index_box_on(reference, image)
+    return None if box is None else _sub_grid(reference, *box)
+
+
 def _mask_on_reference(mask: sitk.Image, reference: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
     """(low (x, y, z) index, (z, y, x) boolean array) of a mask resampled onto the reference's voxel lattice."""
     box = _index_box_on(reference, mask)

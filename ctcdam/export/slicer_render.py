@@ -41,6 +41,8 @@ EGL_PACKAGES = ("libegl1", "libegl-mesa0", "libgl1-mesa-dri")
 #: Where Mesa's software rasteriser (``libgl1-mesa-dri``) lives on common Linux systems.
 _DRI_PATTERNS = ("/usr/lib/*/dri/swrast_dri.so", "/usr/lib64/dri/swrast_dri.so", "/usr/lib/dri/swrast_dri.so",
                  "/usr/local/lib/dri/swrast_dri.so", "/usr/local/lib/*/dri/swrast_dri.so")
+#: zlib level of views.png: the same pixels as the default level 6 in half the time, 20 % more bytes (as the report).
+VIEWS_PNG_COMPRESS_LEVEL = 3
 #: The PNG text key that carries the caption of views.png (so a reader can rebuild the image exactly).
 CAPTION_KEY = "Description"
 #: Module logics the desktop registers that a review scene needs (names as Slicer's module names).
@@ -333,7 +335,7 @@ def write_views_png(mrb: Path, path: Path, caption: str = "") -> Path:
     info = PngInfo()
     info.add_text(CAPTION_KEY, caption)
     with io.atomic_file(path) as temporary:
-        Image.fromarray(composed).save(temporary, format="PNG", pnginfo=info)
+        Image.fromarray(composed).save(temporary, format="PNG", pnginfo=info, compress_level=VIEWS_PNG_COMPRESS_LEVEL)
     return Path(path)
 
 

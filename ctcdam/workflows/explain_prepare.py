@@ -6,7 +6,8 @@ root is not cut again: its crop is read from the manifest, so the maps are compu
 was trained on; other nodules (fewer readers than training requires, another data root, a new scan) are cropped
 with the trained settings. With the model's input settings in the spec, the model inputs (every slice of every
 view, through the training transforms) are made here too, so a cohort's worker processes take that work off the
-model's process; torch and MONAI are imported only then.
+model's process; torch and MONAI are imported only then. A known-cause training manifest's cause masks come with
+the nodules it holds, on the CT's voxels (``ctcdam.workflows.explain_causes``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ctcdam.data.views import centre_index, view_axis, view_stack
 
 from ctcdam.lidc.scan_nodules import PreprocessConfig, ScanNodule, crop, load_scan, scan_nodules
 from ctcdam.manifest.schema import ManifestError, read_crop, read_manifest
+from ctcdam.workflows.explain_causes import CauseSource, scan_cause_masks
 from ctcdam.workflows.sources import check_scan_present
 
 log = logging.getLogger(__name__)
@@ -55,13 +57,15 @@ def crops_of_series(files: Mapping[tuple[str, str], str], series_uid: str) -> di
 
 @dataclass(frozen=True)
 class PrepareSpec:
-    """What preparing a scan needs: the DICOM root, the trained preprocessing settings, the training crops and,
-    to make the model inputs as well, the model's input settings (a ``ctcdam.data.transforms.InputConfig``),
-    the views and whether every slice (the 3D map) or only the centre ones are explained."""
+    """What preparing a scan needs: the DICOM root, the trained preprocessing settings, the training crops (and the
+    cause masks of a known-cause training manifest) and, to make the model inputs as well, the model's input
+    settings (a ``ctcdam.data.transforms.InputConfig``), the views and whether every slice (the 3D map) or only the
+    centre ones are explained."""
 
     lidc_root: Path
     config: PreprocessConfig
     training_crops: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)  # by scan id
+    causes: CauseSource = field(default_factory=CauseSource)
     input_config: Any = None
     views: tuple[str, ...] = ()
     volume: bool = True
@@ -97,6 +101,7 @@ class PreparedNodule:
     from_training: bool  # the crop was read from the training manifest, not cut again
     inputs: np.ndarray | None = None  # the model inputs (model_inputs, as float32), when the spec asked for them
     rows: Mapping[str, np.ndarray] | None = None
+    causes: Mapping[str, sitk.Image] = field(default_factory=dict)  # known-cause masks by cause name (on the CT)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,10 @@ def prepare_scan(scan_id: str, spec: PrepareSpec) -> PreparedScan:
     nodules, rejected = scan_nodules(loaded.scan, scan_id, loaded.series, spec.config, training_population_only=False)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    files = crops_of_series(spec.training_crops.get(scan_id, {}), str(loaded.scan.series_instance_uid))
+    series_uid = str(loaded.scan.series_instance_uid)
+    files = crops_of_series(spec.training_crops.get(scan_id, {}), series_uid)
+    causes = scan_cause_masks(spec.causes, scan_id, series_uid, loaded.scan, loaded.series.image,
+                              [(n.nodule_id, n.mask.image) for n in nodules]) if spec.causes else {}
     prepared = []
     for index, nodule in enumerate(nodules, start=1):
         file = files.get(nodule.nodule_id)
@@ -137,7 +145,8 @@ def prepare_scan(scan_id: str, spec: PrepareSpec) -> PreparedScan:
         prepared.append(PreparedNodule(
             index=index, nodule_id=nodule.nodule_id, centroid_lps=nodule.mask.centroid,
             in_training_population=nodule.in_training_population, labels=dict(nodule.labels), note=_note(nodule),
-            mask=nodule.mask.image, crop=image, from_training=file is not None, inputs=inputs, rows=rows))
+            mask=nodule.mask.image, crop=image, from_training=file is not None, inputs=inputs, rows=rows,
+            causes=causes.get(nodule.nodule_id, {})))
     skipped = tuple({"nodule_id": r.nodule_id, "reason": r.reason} for r in rejected)
     return PreparedScan(scan_id=scan_id, ct=loaded.series.image, nodules=tuple(prepared), skipped=skipped,
                         seconds={"load": load_s, "crop": time.perf_counter() - start})

@@ -34,6 +34,7 @@ from ctcdam.lidc.series import LoadedSeries
 from ctcdam.models.checkpoint import LoadedModel
 from ctcdam.targets import BIOMARKER_COLUMNS, BIOMARKERS, MALIGNANCY, TARGETS, target_index
 from ctcdam.workflows.concept import Concept, build_concept
+from ctcdam.workflows.explain_causes import cause_source
 from ctcdam.workflows.explain_prepare import (
     PreparedNodule,
     PreparedScan,
@@ -112,7 +113,8 @@ def prepare_spec(loaded: LoadedModel, lidc_root: Path, settings: ExplainSettings
     inputs = {} if settings is None else {"input_config": loaded.input_config, "views": tuple(settings.views),
                                           "volume": settings.volume}
     return PrepareSpec(lidc_root=Path(lidc_root), config=trained_config(loaded),
-                       training_crops=training_crop_files(loaded.data, lidc_root), **inputs)
+                       training_crops=training_crop_files(loaded.data, lidc_root),
+                       causes=cause_source(loaded.data, lidc_root), **inputs)
 
 
 def _inputs_of(nodule: PreparedNodule, loaded: LoadedModel, settings: ExplainSettings) -> tuple[torch.Tensor, Mapping]:
@@ -249,7 +251,7 @@ def _nodule_result(nodule: PreparedNodule, loaded: LoadedModel, volumes: Mapping
         # The mask on the scan's own voxels (not the crop's resampled copy): the segmentation lies on the CT.
         consensus_mask=nodule.mask,
         maps={name: image_on_grid(values, crop_image) for name, values in volumes.items()},
-        view_maps=view_maps, note=nodule.note,
+        view_maps=view_maps, note=nodule.note, causes=dict(nodule.causes),
     )
 
 

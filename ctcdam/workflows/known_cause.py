@@ -134,6 +134,8 @@ class BenchmarkSettings:
     device: str = "auto"
     threads: int | None = 1
     workers: int | None = None
+    #: The scan-space step: a cohort explain of the test scans (malignancy, 3D maps) scored in world coordinates.
+    scan_space: bool = True
 
     def model_run(self, fold: int) -> str:
         """The training run's folder name: one per fold, depth and epoch count."""
@@ -222,6 +224,70 @@ def benchmark_summary(run_dir: Path, checkpoint: Path, methods: Sequence[str]) -
     return {"model": _model_summary(checkpoint), "methods": methods_out}
 
 
+def scan_space_rows(checkpoint: Path, max_nodules: int | None = None) -> pd.DataFrame:
+    """The checkpoint's test-fold manifest rows (the first ``max_nodules``), cause-mask paths made absolute."""
+    from ctcdam.manifest.schema import read_manifest
+    from ctcdam.models.checkpoint import read_checkpoint
+
+    data = read_checkpoint(checkpoint)["ctcdam"]["data"]
+    manifest = Path(data["manifest"])
+    frame = read_manifest(manifest).set_index("nodule_id", drop=False)
+    ids = [str(i) for i in data["test_ids"] if str(i) in frame.index][: max_nodules or None]
+    rows = frame.loc[ids].reset_index(drop=True)
+    for column in CAUSE_COLUMNS:
+        rows[column] = [str(path if Path(path).is_absolute() else manifest.parent / path) for path in rows[column]]
+    return rows
+
+
+def scan_space_step(settings: BenchmarkSettings, checkpoint: Path, run_dir: Path) -> dict:
+    """Explain the test scans (malignancy, 3D maps, review bundles) and score the maps' mass centres in world space.
+
+    The bundles go to ``<out_dir>/explain/<model run>/`` (kept and re-verified on a rerun); ``run_dir`` gets
+    ``scan_space.csv`` and a section of ``summary.md``; the result is the benchmark JSON's ``scan_space``.
+    """
+    import time
+
+    from ctcdam.cli.common import torch_threads
+    from ctcdam.evaluate.scan_space import (
+        SCAN_SPACE_HEADING,
+        scan_space_markdown,
+        scan_space_summary,
+        scan_space_table,
+    )
+    from ctcdam.explain.metrics import SCAN_SPACE_DILATION_MM
+    from ctcdam.targets import MALIGNANCY
+    from ctcdam.workflows.explain_cohort import run_cohort
+
+    method = "cdam"
+    rows = scan_space_rows(checkpoint, settings.max_nodules)
+    scans = list(dict.fromkeys(rows["scan_id"].astype(str)))
+    cohort_root = settings.out_dir / "explain" / checkpoint.parent.name
+    started = time.perf_counter()
+    with torch_threads(settings.threads):
+        # One target and the 3D map: what the step reads; the bundles are the ordinary ones a reader opens.
+        outcome = run_cohort(cohort_root, scans=scans, checkpoint=checkpoint, method=method, targets=(MALIGNANCY,),
+                             volume=True, device=settings.device, workers=1, resume=True, sort_by="scan")
+    explain_s = time.perf_counter() - started
+    started = time.perf_counter()
+    table = scan_space_table(cohort_root, rows, method, MALIGNANCY, SCAN_SPACE_DILATION_MM)
+    score_s = time.perf_counter() - started
+    io.write_csv(run_dir / "scan_space.csv", table)
+    summary = {
+        "target": MALIGNANCY, "method": method, "coordinates": "LPS", "dilation_mm": SCAN_SPACE_DILATION_MM,
+        "explain_dir": str(cohort_root), "scans": len(scans), "scans_explained": outcome.scans_run,
+        "scans_failed": outcome.scans_failed, "seconds": {"explain": round(explain_s, 1), "score": round(score_s, 1)},
+        "signs": scan_space_summary(table),
+    }
+    report = run_dir / "summary.md"
+    text = report.read_text() if report.is_file() else ""
+    # A rerun on the same run folder replaces its section instead of adding a second one.
+    kept = text.split("\n" + SCAN_SPACE_HEADING, 1)[0].rstrip("\n")
+    io.write_text(report, kept + "\n" + scan_space_markdown(summary))
+    log.info("scan space: %d scan(s) explained in %.1f s, %d rows scored in %.1f s (%s)", outcome.scans_run,
+             explain_s, len(table), score_s, run_dir / "scan_space.csv")
+    return summary
+
+
 def run_benchmark(settings: BenchmarkSettings) -> tuple[Path, dict]:
     """Data, model, evaluation of every method on the known-cause set, tables and a picture; (run folder, JSON)."""
     from ctcdam.evaluate import DEFAULT_METHODS, EvaluationConfig, evaluate
@@ -239,6 +305,9 @@ def run_benchmark(settings: BenchmarkSettings) -> tuple[Path, dict]:
         device=settings.device, progress=False,
     ))
     summary = benchmark_summary(run_dir, checkpoint, methods)
+    if settings.scan_space:
+        summary["scan_space"] = scan_space_step(settings, checkpoint, run_dir)
+    summary = io.json_safe(summary)  # what the file holds (JSON has no NaN)
     io.write_json(run_dir / "known_cause.json", summary)
     from ctcdam.evaluate.known_cause_figure import write_known_cause_figure
 
