@@ -28,6 +28,7 @@ from ctcdam.export.scene import CAUSES_SEGMENTATION, NODULES_SEGMENTATION
 from ctcdam.export.slicer_render import SlicerSession, slicer_available
 from ctcdam.targets import TARGETS
 from tests.test_explain_pipeline import SOFT_TISSUE_WINDOW, soft_tissue_vit
+from tests.test_slicer_bundle import segment_voxels_ras
 
 SCANS = ("LIDC-IDRI-0407", "LIDC-IDRI-0237")
 #: The bundle's causes and the manifest columns that say whether a nodule carries them.
@@ -102,24 +103,9 @@ def _tag(segment, key: str) -> str | None:
     return str(value) if segment.GetTag(key, value) else None
 
 
-def _matrix(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 def _segment_points_lps(segmentation, segment_id: str) -> np.ndarray:
-    """LPS positions of a segment's voxels in Slicer's own labelmap (its image-to-world matrix, RAS -> LPS)."""
-    import vtk
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-
-    labelmap = segmentation.GetSegmentRepresentation(segment_id, "Binary labelmap")
-    to_world = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(to_world)
-    extent = labelmap.GetExtent()
-    values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
-        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    ijk = np.argwhere(values == segmentation.GetSegment(segment_id).GetLabelValue())[:, ::-1] + np.array(extent[::2])
-    ras = (_matrix(to_world) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
-    return ras * np.array([-1.0, -1.0, 1.0])
+    """LPS positions of a segment's voxels in Slicer's own labelmap."""
+    return segment_voxels_ras(segmentation, segment_id) * np.array([-1.0, -1.0, 1.0])
 
 
 def _inside_dilated(points_lps: np.ndarray, mask_file: Path) -> np.ndarray:
@@ -229,24 +215,15 @@ def test_without_causes_the_bundle_is_as_before(known_cause_set, cause_checkpoin
 
 def test_review_script_loads_the_causes_as_a_second_segmentation(tmp_path, monkeypatch):
     """review.py (Slicer's Python, through slicer.util) loads the causes beside the nodules, outlined the same way."""
-    import sys
-    import types
 
     from ctcdam.export.review_script import review_script
     from ctcdam.export.scene import SceneSpec
-    from tests.test_export import _Recorder
+    from tests.test_export import run_review_script
 
     spec = SceneSpec(ct_file=naming.CT_FILE, color_table_file=naming.COLOR_TABLE_FILE,
                      segmentation_file=naming.SEGMENTATION_FILE,
                      causes_segmentation_file=naming.CAUSES_SEGMENTATION_FILE, focus_lps=(1.0, 2.0, 3.0))
-    calls: list = []
-    slicer = types.ModuleType("slicer")
-    slicer.util = _Recorder(calls, "util")
-    slicer.modules = types.SimpleNamespace(markups=_Recorder(calls, "markups"))
-    slicer.mrmlScene = _Recorder(calls, "mrmlScene")
-    monkeypatch.setitem(sys.modules, "slicer", slicer)
-    monkeypatch.setattr(sys, "argv", ["review.py", str(tmp_path)])
-    exec(compile(review_script(spec), "review.py", "exec"), {"__name__": "__main__"})
+    calls = run_review_script(review_script(spec), tmp_path, monkeypatch)
     loaded = [args for name, args, _ in calls if name == "util.loadSegmentation"]
     assert loaded == [(str(tmp_path / naming.SEGMENTATION_FILE), {"name": NODULES_SEGMENTATION}),
                       (str(tmp_path / naming.CAUSES_SEGMENTATION_FILE), {"name": CAUSES_SEGMENTATION})]

@@ -260,22 +260,28 @@ class _Recorder:
         return 1.0  # e.g. a field of view's third component
 
 
-def test_review_script_loads_the_bundle_through_slicer_util(tmp_path, monkeypatch):
+def run_review_script(script: str, bundle: Path, monkeypatch) -> list:
+    """Run a bundle's review.py against recording stand-ins for Slicer's modules; the calls it made."""
     import types
 
-    spec = SceneSpec(ct_file="ct.nii.gz", color_table_file=naming.COLOR_TABLE_FILE,
-                     maps=(MapVolume("N1 CDAM malignancy", "nodule-1/cdam_malignancy.nii.gz", 0.25),),
-                     foreground_file="nodule-1/cdam_malignancy.nii.gz", segmentation_file=naming.SEGMENTATION_FILE,
-                     markups_file=naming.MARKUPS_FILE, table_file=naming.PREDICTIONS_TABLE_FILE,
-                     field_of_view_mm=60.0)
     calls: list = []
     slicer = types.ModuleType("slicer")
     slicer.util = _Recorder(calls, "util")
     slicer.modules = types.SimpleNamespace(markups=_Recorder(calls, "markups"))
     slicer.mrmlScene = _Recorder(calls, "mrmlScene")
     monkeypatch.setitem(sys.modules, "slicer", slicer)
-    monkeypatch.setattr(sys, "argv", ["review.py", str(tmp_path)])
-    exec(compile(review_script(spec, (-12.5, 30.25, -200.0)), "review.py", "exec"), {"__name__": "__main__"})
+    monkeypatch.setattr(sys, "argv", ["review.py", str(bundle)])
+    exec(compile(script, "review.py", "exec"), {"__name__": "__main__"})
+    return calls
+
+
+def test_review_script_loads_the_bundle_through_slicer_util(tmp_path, monkeypatch):
+    spec = SceneSpec(ct_file="ct.nii.gz", color_table_file=naming.COLOR_TABLE_FILE,
+                     maps=(MapVolume("N1 CDAM malignancy", "nodule-1/cdam_malignancy.nii.gz", 0.25),),
+                     foreground_file="nodule-1/cdam_malignancy.nii.gz", segmentation_file=naming.SEGMENTATION_FILE,
+                     markups_file=naming.MARKUPS_FILE, table_file=naming.PREDICTIONS_TABLE_FILE,
+                     field_of_view_mm=60.0)
+    calls = run_review_script(review_script(spec, (-12.5, 30.25, -200.0)), tmp_path, monkeypatch)
     loaded = [(name, args[0]) for name, args, _ in calls if name.startswith("util.load") and "()" not in name]
     assert loaded == [("util.loadVolume", str(tmp_path / "ct.nii.gz")),
                       ("util.loadColorTable", str(tmp_path / naming.COLOR_TABLE_FILE)),

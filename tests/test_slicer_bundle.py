@@ -148,6 +148,21 @@ def _matrix(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def segment_voxels_ras(segmentation, segment_id: str) -> np.ndarray:
+    """RAS positions of a segment's voxels in Slicer's own binary labelmap (its image-to-world matrix)."""
+    import vtk
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    labelmap = segmentation.GetSegmentRepresentation(segment_id, "Binary labelmap")
+    to_world = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(to_world)
+    extent = labelmap.GetExtent()
+    values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    ijk = np.argwhere(values == segmentation.GetSegment(segment_id).GetLabelValue())[:, ::-1] + np.array(extent[::2])
+    return (_matrix(to_world) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+
+
 def _sitk_ijk_to_ras(image: sitk.Image) -> np.ndarray:
     """IJK -> RAS from SimpleITK's own index-to-physical mapping (LPS), x and y negated."""
     origin = np.array(image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 0.0)))
@@ -257,14 +272,7 @@ def test_geometry_equals_simpleitk(opened: Opened):
     for k, nodule in enumerate(predictions["nodules"]):
         segment_id = f"nodule_{nodule['index']}"
         segment = segmentation.GetSegment(segment_id)
-        labelmap = segmentation.GetSegmentRepresentation(segment_id, "Binary labelmap")
-        to_world = vtk.vtkMatrix4x4()
-        labelmap.GetImageToWorldMatrix(to_world)
-        extent = labelmap.GetExtent()
-        values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
-            extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-        ijk = np.argwhere(values == segment.GetLabelValue())[:, ::-1] + np.array(extent[::2])
-        slicer_points = (_matrix(to_world) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+        slicer_points = segment_voxels_ras(segmentation, segment_id)
         label = int(seg_file.GetMetaData(f"Segment{k}_LabelValue"))
         sitk_points = np.array([_lps_to_ras(seg_file.TransformIndexToPhysicalPoint([int(v) for v in i]))
                                 for i in np.argwhere(labels == label)[:, ::-1]])
