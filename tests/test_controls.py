@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ctcdam.explain import CentredGaussian, UniformMap, explain, method_info, metrics
+from ctcdam.explain import CentredGaussian, UniformMap, cause_metrics, explain, method_info, metrics
 from tests.fixtures_explain import images_for, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ def test_uniform_is_flat_for_every_target() -> None:
     torch.testing.assert_close(metrics.gini_index(explanation.maps), flat, rtol=0, atol=1e-12)
     evidence = torch.zeros(2, 3, 5, dtype=torch.bool)
     evidence[:, 1, 1:3] = True
-    torch.testing.assert_close(metrics.evidence_lift(explanation.maps, evidence), torch.ones(2, 2, dtype=torch.float64))
+    torch.testing.assert_close(cause_metrics.evidence_lift(explanation.maps, evidence), torch.ones(2, 2, dtype=torch.float64))
 
 
 def test_centred_gaussian_hand_values_and_per_image_sigma() -> None:

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from ctcdam.evaluate.scan_space import read_nifti_lps
 from ctcdam.evaluate.summary import wilson_interval
-from ctcdam.explain import metrics
+from ctcdam.explain import cause_metrics
 
 
 def _affine(spacing=(0.6, 0.8, 2.5), angle_deg=30.0, origin=(-40.0, 12.5, 103.0)) -> np.ndarray:
@@ -27,7 +27,7 @@ def _world(affine: np.ndarray, index) -> np.ndarray:
 def test_voxel_positions_follow_the_affine_in_c_order():
     affine = _affine()
     shape = (3, 4, 5)
-    positions = metrics.voxel_positions(affine, shape)
+    positions = cause_metrics.voxel_positions(affine, shape)
     expected = [_world(affine, (i, j, k)) for i in range(3) for j in range(4) for k in range(5)]
     np.testing.assert_allclose(positions, expected, atol=1e-12)
 
@@ -37,24 +37,24 @@ def test_signed_mass_centres_of_a_constructed_map():
     values = np.zeros((4, 4, 4))
     values[1, 2, 3], values[3, 0, 1] = 1.0, 3.0  # evidence: weights 1 and 3
     values[0, 0, 0], values[2, 2, 2] = -2.0, -2.0  # counter-evidence: equal weights
-    positions = metrics.voxel_positions(affine, values.shape)
-    positive = metrics.signed_mass_centre(values, positions, 1)
+    positions = cause_metrics.voxel_positions(affine, values.shape)
+    positive = cause_metrics.signed_mass_centre(values, positions, 1)
     np.testing.assert_allclose(positive, (_world(affine, (1, 2, 3)) + 3 * _world(affine, (3, 0, 1))) / 4)
-    negative = metrics.signed_mass_centre(values, positions, -1)
+    negative = cause_metrics.signed_mass_centre(values, positions, -1)
     np.testing.assert_allclose(negative, _world(affine, (1, 1, 1)))  # the midpoint of the two
-    assert np.isnan(metrics.signed_mass_centre(np.abs(values), positions, -1)).all()  # no negative mass
+    assert np.isnan(cause_metrics.signed_mass_centre(np.abs(values), positions, -1)).all()  # no negative mass
     with pytest.raises(ValueError, match="sign"):
-        metrics.signed_mass_centre(values, positions, 0)
+        cause_metrics.signed_mass_centre(values, positions, 0)
 
 
 def test_a_centred_gaussian_has_its_mass_centre_at_the_crop_centre():
     affine = _affine(spacing=(1.0, 1.0, 1.0))
     shape = (32, 32, 32)
-    positions = metrics.voxel_positions(affine, shape)
+    positions = cause_metrics.voxel_positions(affine, shape)
     centre = _world(affine, [(n - 1) / 2 for n in shape])
     gaussian = np.exp(-((positions - centre) ** 2).sum(-1) / (2 * 4.0**2))
-    np.testing.assert_allclose(metrics.signed_mass_centre(gaussian, positions), centre, atol=1e-9)
-    np.testing.assert_allclose(metrics.signed_mass_centre(np.ones(positions.shape[0]), positions), centre, atol=1e-9)
+    np.testing.assert_allclose(cause_metrics.signed_mass_centre(gaussian, positions), centre, atol=1e-9)
+    np.testing.assert_allclose(cause_metrics.signed_mass_centre(np.ones(positions.shape[0]), positions), centre, atol=1e-9)
 
 
 def test_dilation_is_in_mm_on_an_anisotropic_rotated_grid():
@@ -79,13 +79,13 @@ def test_dilation_is_in_mm_on_an_anisotropic_rotated_grid():
     ]
     for offset, distance, inside in cases:
         p = point(offset)
-        assert metrics.distance_to_mask(p, mask, affine) == pytest.approx(distance, abs=1e-9), offset
-        assert metrics.inside_dilated_mask(p, mask, affine, 1.0) is inside, offset
+        assert cause_metrics.distance_to_mask(p, mask, affine) == pytest.approx(distance, abs=1e-9), offset
+        assert cause_metrics.inside_dilated_mask(p, mask, affine, 1.0) is inside, offset
     # A voxel dilation (one voxel each way) would take the 1.2 mm point along the coarse axis and leave the 0.95 mm
     # one along the fine axis out: the two rules differ exactly where the grid is anisotropic.
-    assert metrics.inside_dilated_mask(point((0.0, 0.0, half[2] + 1.2)), mask, affine, 1.25)
-    assert metrics.distance_to_mask(point((0.0, 0.0, 0.0)), np.zeros_like(mask), affine) == np.inf
-    assert not metrics.inside_dilated_mask(np.full(3, np.nan), mask, affine)  # a map without mass hits nothing
+    assert cause_metrics.inside_dilated_mask(point((0.0, 0.0, half[2] + 1.2)), mask, affine, 1.25)
+    assert cause_metrics.distance_to_mask(point((0.0, 0.0, 0.0)), np.zeros_like(mask), affine) == np.inf
+    assert not cause_metrics.inside_dilated_mask(np.full(3, np.nan), mask, affine)  # a map without mass hits nothing
 
 
 def test_the_nearest_of_several_mask_voxels_counts():
@@ -93,14 +93,14 @@ def test_the_nearest_of_several_mask_voxels_counts():
     mask = np.zeros((6, 6, 6), dtype=bool)
     mask[1, 1, 1] = mask[4, 4, 2] = True
     p = _world(affine, (4.0, 4.0, 2.0 + 0.5 + 0.3 / 2.5))  # 0.3 mm beyond the second voxel's face
-    assert metrics.distance_to_mask(p, mask, affine) == pytest.approx(0.3)
+    assert cause_metrics.distance_to_mask(p, mask, affine) == pytest.approx(0.3)
 
 
 def test_a_sheared_affine_is_refused():
     affine = _affine()
     affine[0, 1] += 0.3
     with pytest.raises(ValueError, match="orthogonal"):
-        metrics.distance_to_mask((0.0, 0.0, 0.0), np.ones((2, 2, 2)), affine)
+        cause_metrics.distance_to_mask((0.0, 0.0, 0.0), np.ones((2, 2, 2)), affine)
 
 
 def test_nibabel_reads_an_itk_nifti_in_lps(tmp_path):

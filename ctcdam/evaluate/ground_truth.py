@@ -3,7 +3,7 @@
 Each target with a known cause names its evidence (raises the output when present) and counter-evidence
 (lowers it): malignancy is raised by spicules and vetoed by calcification; spiculation is raised by the
 spicules; the calcification rating (6 = absent, 1 = popcorn) is lowered by the calcified foci. The vessel is a
-distractor: no target's cause. The scores themselves are defined in :mod:`ctcdam.explain.metrics`
+distractor: no target's cause. The scores themselves are defined in :mod:`ctcdam.explain.cause_metrics`
 (``ground_truth_scores``); this module maps targets to causes, gives the controls their nodule size, and
 stratifies the per-nodule scores by class and by diameter tertile.
 """
@@ -17,7 +17,7 @@ import torch
 
 from ctcdam.evaluate.inputs import NoduleViews
 from ctcdam.evaluate.summary import confidence_interval
-from ctcdam.explain import method_info, metrics
+from ctcdam.explain import cause_metrics, method_info
 from ctcdam.targets import MALIGNANCY
 
 #: target -> (evidence cause, counter-evidence cause); None where the target has none.
@@ -26,7 +26,7 @@ TARGET_CAUSES: dict[str, tuple[str | None, str | None]] = {
     "spiculation": ("spicules", None),
     "calcification": (None, "calcification"),
 }
-GROUND_TRUTH_COLUMNS: tuple[str, ...] = metrics.GROUND_TRUTH_COLUMNS
+GROUND_TRUTH_COLUMNS: tuple[str, ...] = cause_metrics.GROUND_TRUTH_COLUMNS
 
 
 def has_causes(nodules: Sequence[NoduleViews]) -> bool:
@@ -56,13 +56,13 @@ def ground_truth_rows(
         causes = evidence if counter is None else counter if evidence is None else evidence | counter
         column_maps = maps[:, t : t + 1]
         if evidence is not None:
-            values["evidence_share"][:, t] = metrics.evidence_share(column_maps, evidence)[:, 0].double().cpu()
-            values["evidence_lift"][:, t] = metrics.evidence_lift(column_maps, evidence)[:, 0].double().cpu()
+            values["evidence_share"][:, t] = cause_metrics.evidence_share(column_maps, evidence)[:, 0].double().cpu()
+            values["evidence_lift"][:, t] = cause_metrics.evidence_lift(column_maps, evidence)[:, 0].double().cpu()
         if counter is not None:
-            share = metrics.counter_evidence_share(column_maps, counter, signed=signed)
+            share = cause_metrics.counter_evidence_share(column_maps, counter, signed=signed)
             values["counter_evidence_share"][:, t] = share[:, 0].double().cpu()
         # Signed maps detect both causes by |S|; an unsigned map is non-negative already.
-        values["cause_auroc"][:, t] = metrics.cause_auroc(column_maps.abs(), causes)[:, 0].double().cpu()
+        values["cause_auroc"][:, t] = cause_metrics.cause_auroc(column_maps.abs(), causes)[:, 0].double().cpu()
     return [
         {column: float(values[column][b, t]) for column in GROUND_TRUTH_COLUMNS}
         for b in range(n_images) for t in range(n_targets)

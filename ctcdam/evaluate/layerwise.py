@@ -21,7 +21,7 @@ from torch import Tensor
 from ctcdam.data.transforms import InputConfig, to_model_input
 from ctcdam.evaluate.ground_truth import TARGET_CAUSES
 from ctcdam.evaluate.inputs import NoduleViews
-from ctcdam.explain import metrics, vit
+from ctcdam.explain import cause_metrics, vit
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def layer_table(model: VisionTransformer, nodules: Sequence[NoduleViews], input_
                        "cls_score": float(scores.cls[block, view]),
                        "cls_share": float(scores.cls[block, view].abs() / total[view]),
                        "patch_sum": float(scores.patches[block, view].sum())}
-                for column, cause, share in (("evidence_share", evidence_cause, metrics.evidence_share),
-                                             ("counter_evidence_share", counter_cause, metrics.counter_evidence_share)):
+                for column, cause, share in (("evidence_share", evidence_cause, cause_metrics.evidence_share),
+                                             ("counter_evidence_share", counter_cause, cause_metrics.counter_evidence_share)):
                     mask = nodule.causes.get(cause) if cause else None
                     row[column] = float(share(maps[view : view + 1], mask[view : view + 1])[0, 0]) if (
                         mask is not None and mask[view].any()) else float("nan")
                 counter = nodule.causes.get(counter_cause) if counter_cause else None
                 if nodule.inside is not None and counter is not None and counter[view].any():
                     rest = nodule.inside[view : view + 1] & ~counter[view : view + 1]
-                    row["negative_on_rest_of_nodule"] = float(metrics.counter_evidence_share(maps[view : view + 1], rest)[0, 0])
+                    row["negative_on_rest_of_nodule"] = float(cause_metrics.counter_evidence_share(maps[view : view + 1], rest)[0, 0])
                 rows.append(row)
     return pd.DataFrame(rows)

@@ -43,6 +43,7 @@ from ctcdam.evaluate.inputs import (
 from ctcdam.evaluate.plots import plot_curves, plot_metric_bars
 from ctcdam.evaluate.summary import method_table, summary_markdown
 from ctcdam.explain import (
+    cause_metrics,
     explain,
     list_methods,
     method_info,
@@ -63,7 +64,7 @@ DEFAULT_METHODS: tuple[str, ...] = tuple(
     info.name for info in sorted(method_infos(), key=lambda info: _FAMILY_ORDER.index(info.family))
 )
 ID_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target")
-METRIC_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *metrics.SCORE_COLUMNS, *metrics.GROUND_TRUTH_COLUMNS, "seconds")
+METRIC_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *metrics.SCORE_COLUMNS, *cause_metrics.GROUND_TRUTH_COLUMNS, "seconds")
 CLASS_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "view", "method", "target_a", "target_b", "pearson")
 SANITY_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "stage", "spearman")
 FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "nodule_id", "stage", "reason")

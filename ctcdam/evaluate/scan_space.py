@@ -5,7 +5,7 @@ the one a reader opens: the 3D NIfTI of a review bundle (the mean of the three v
 grid), read back with nibabel, the NIfTI reference reader, from the file that the bundle's ``predictions.json``
 names. Per test nodule carrying a sign, the mass centre of the map's part of that sign is placed in world
 coordinates through the file's affine and tested against the nodule's cause mask dilated in mm
-(``ctcdam.explain.metrics``: ``signed_mass_centre``, ``distance_to_mask``, ``inside_dilated_mask``):
+(``ctcdam.explain.cause_metrics``: ``signed_mass_centre``, ``distance_to_mask``, ``inside_dilated_mask``):
 
 - positive part (evidence) against the spicules, for nodules with spicules;
 - negative part (counter-evidence) against the calcified foci, for nodules with a calcification.
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ctcdam.evaluate.summary import wilson_interval
-from ctcdam.explain import metrics
+from ctcdam.explain import cause_metrics
 from ctcdam.targets import MALIGNANCY
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _row(scan_id: str, nodule_id: str, sign: str, cause: str, method: str, centr
 
 def scan_space_table(
     cohort_root: Path, rows: pd.DataFrame, method: str, target: str = MALIGNANCY,
-    dilation_mm: float = metrics.SCAN_SPACE_DILATION_MM,
+    dilation_mm: float = cause_metrics.SCAN_SPACE_DILATION_MM,
 ) -> pd.DataFrame:
     """One row per test nodule carrying a sign x (``method``, the crop centre): the map's mass centre of that sign
     in LPS, its distance to the cause mask and whether it lies in the mask dilated by ``dilation_mm``.
@@ -107,16 +107,16 @@ def scan_space_table(
             log.warning("scan space: no 3D %s map of %s in %s; left out", target, nodule_id, cohort_root)
             continue
         values, affine = read_nifti_lps(files[nodule_id])
-        positions = metrics.voxel_positions(affine, values.shape)
+        positions = cause_metrics.voxel_positions(affine, values.shape)
         # The uniform map's mass centre: the grid centre, where any centred symmetric map has its mass centre.
-        crop_centre = metrics.signed_mass_centre(np.ones(values.size), positions)
+        crop_centre = cause_metrics.signed_mass_centre(np.ones(values.size), positions)
         map_file = files[nodule_id].relative_to(cohort_root).as_posix()
         for sign, (factor, cause, _) in wanted:
             mask, mask_affine = read_nifti_lps(Path(row[f"cause_{cause}_path"]))
-            centres = {method: metrics.signed_mass_centre(values, positions, factor), BASELINE: crop_centre}
+            centres = {method: cause_metrics.signed_mass_centre(values, positions, factor), BASELINE: crop_centre}
             for name, centre in centres.items():
-                distance = metrics.distance_to_mask(centre, mask, mask_affine)
-                inside = metrics.inside_dilated_mask(centre, mask, mask_affine, dilation_mm)
+                distance = cause_metrics.distance_to_mask(centre, mask, mask_affine)
+                inside = cause_metrics.inside_dilated_mask(centre, mask, mask_affine, dilation_mm)
                 records.append(_row(str(row["scan_id"]), nodule_id, sign, cause, name, centre, distance, inside,
                                     map_file if name == method else ""))
     return pd.DataFrame(records, columns=list(SCAN_SPACE_COLUMNS))

@@ -9,7 +9,8 @@ import pandas as pd
 from scipy import stats
 
 from ctcdam.explain import list_methods, method_info
-from ctcdam.explain.metrics import GROUND_TRUTH_COLUMNS, SCORE_COLUMNS
+from ctcdam.explain.cause_metrics import GROUND_TRUTH_COLUMNS
+from ctcdam.explain.metrics import SCORE_COLUMNS
 from ctcdam.targets import MALIGNANCY
 
 #: Whether a larger value of a summary column is better (the summary bolds the best method per column).

@@ -254,7 +254,7 @@ def scan_space_step(settings: BenchmarkSettings, checkpoint: Path, run_dir: Path
         scan_space_summary,
         scan_space_table,
     )
-    from ctcdam.explain.metrics import SCAN_SPACE_DILATION_MM
+    from ctcdam.explain.cause_metrics import SCAN_SPACE_DILATION_MM
     from ctcdam.targets import MALIGNANCY
     from ctcdam.workflows.explain_cohort import run_cohort
 
