@@ -106,26 +106,25 @@ def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1."""
+def _whole_number(text: str, minimum: int, failure: str) -> int:
+    """``text`` as an int of at least ``minimum``; argparse's error otherwise (``failure`` formats the value)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(failure.format(value))
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    return _whole_number(text, 1, "{} is not a positive number")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type of a count that may be 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+    return _whole_number(text, 0, "{} is negative")
 
 
 def shard_spec(text: str) -> tuple[int, int]:
