@@ -12,6 +12,7 @@ from ctcdam.lidc import pylidc_compat
 from ctcdam.lidc.crops import CropSpec, consensus_mask, crop_reference
 from ctcdam.lidc.dicom_index import index_patient
 from ctcdam.lidc.nodules import scan_clusters
+from ctcdam.lidc.scan_nodules import PreprocessConfig, crop, load_scan, scan_nodules
 from ctcdam.lidc.series import load_series
 from ctcdam.synthetic.phantom import LUNG_HU, painted_hu, painted_nodules
 
@@ -127,3 +128,24 @@ def test_crop_size_and_spacing_are_configurable():
     assert reference.TransformContinuousIndexToPhysicalPoint((15.5, 15.5, 15.5)) == pytest.approx((10.0, -20.0, 30.0))
     with pytest.raises(ValueError, match="not a whole number"):
         CropSpec(size_mm=32.0, spacing_mm=0.7)
+
+
+
+@pytest.mark.parametrize("scan_id", ["LIDC-IDRI-0001", "LIDC-IDRI-0014"])
+def test_crops_read_from_a_region_equal_crops_resampled_from_the_whole_series(generated_lidc, scan_id):
+    # Preprocessing resamples each crop from the few slices and rows around it (series.region_image); the crop
+    # must equal the one resampled from the whole series image, voxel for voxel, padding included.
+    config = PreprocessConfig()
+    loaded = load_scan(scan_id, generated_lidc, config)
+    nodules, _ = scan_nodules(loaded.scan, scan_id, loaded.series, config)
+    assert nodules
+    for nodule in nodules:
+        cropped = crop(loaded.series, nodule, config)
+        grid = crop_reference(nodule.mask.centroid, config.crop)
+        whole = sitk.GetArrayFromImage(sitk.Resample(loaded.series.image, grid, sitk.Transform(), sitk.sitkLinear,
+                                                     float("nan"), sitk.sitkFloat32))
+        assert np.isnan(whole).any(), nodule.nodule_id  # the partial series ends inside the crop: an edge is crossed
+        expected = np.where(np.isnan(whole), -1024, np.rint(whole)).astype(np.int16)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(cropped.hu), expected, err_msg=nodule.nodule_id)
+        region = loaded.series.region_image(np.array([grid.TransformIndexToPhysicalPoint((0, 0, 0))]))
+        assert np.prod(region.GetSize()) < np.prod(loaded.series.image.GetSize()) / 100  # a part, not the series

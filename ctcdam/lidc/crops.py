@@ -86,6 +86,13 @@ def crop_reference(centre: tuple[float, float, float], spec: CropSpec) -> sitk.I
     return reference
 
 
+def grid_corners(image: sitk.Image) -> np.ndarray:
+    """The physical points (8, 3) of the corner voxels' centres of an image's grid."""
+    last = np.array(image.GetSize()) - 1
+    return np.array([image.TransformIndexToPhysicalPoint([int(c) for c in last * np.array(corner)])
+                     for corner in np.ndindex(2, 2, 2)])
+
+
 @dataclass(frozen=True)
 class NoduleCrop:
     """HU crop (int16) and consensus mask (uint8) on the same crop grid, with the padded fraction."""
@@ -102,8 +109,10 @@ def _resample(image: sitk.Image, reference: sitk.Image, interpolator: int, defau
 def crop_nodule(series: LoadedSeries, mask: ConsensusMask, spec: CropSpec, pad_hu: int = PAD_HU) -> NoduleCrop:
     """One linear resample of the series and of the consensus mask onto the nodule-centred crop grid."""
     reference = crop_reference(mask.centroid, spec)
-    # NaN marks the crop voxels ITK finds outside the acquired volume: they are counted, then padded.
-    hu_float = sitk.GetArrayFromImage(_resample(series.image, reference, sitk.sitkLinear, float("nan")))
+    # NaN marks the crop voxels ITK finds outside the acquired volume: they are counted, then padded. Where the
+    # region ends inside the series it keeps a margin beyond every crop voxel, so only the real edges are edges.
+    region = series.region_image(grid_corners(reference))
+    hu_float = sitk.GetArrayFromImage(_resample(region, reference, sitk.sitkLinear, float("nan")))
     outside = np.isnan(hu_float)
     hu_array = np.where(outside, pad_hu, np.rint(hu_float)).astype(np.int16)
     mask_float = sitk.GetArrayFromImage(_resample(mask.image, reference, sitk.sitkLinear, 0.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +330,35 @@ def _uniform_spacing(zvals: np.ndarray) -> float | None:
     return None
 
 
+def uniform_stack(stack: np.ndarray, zvals: np.ndarray, single_slice_spacing: float) -> tuple[np.ndarray, float, bool]:
+    """A (k, i, j) stack at slice positions ``zvals`` on a uniform z grid from ``zvals[0]``: (stack, z step, resampled).
+
+    Non-uniform z is resampled (linear, along z only) onto a uniform grid with the median step, because a
+    SimpleITK image has one z spacing and an averaged spacing misplaces slices by up to 1.3 mm in LIDC.
+    """
+    zvals = np.asarray(zvals, dtype=np.float64)
+    if len(zvals) == 1:
+        return stack, float(single_slice_spacing), False
+    dz = _uniform_spacing(zvals)
+    if dz is not None:
+        return stack, dz, False
+    dz = float(np.median(np.diff(zvals)))
+    return _resample_z(stack, zvals, dz), dz, True
+
+
+def block_image(block: np.ndarray, plane: InPlaneGeometry, z0: float, dz: float,
+                index_offset: tuple[int, int] = (0, 0)) -> sitk.Image:
+    """A (k, i, j) block of uniform slices from z ``z0`` as a SimpleITK image (a copy of the voxels) placed in LPS;
+    ``index_offset`` = (i0, j0) places a sub-block (a consensus bounding box, a crop's region) in the series' plane."""
+    image = sitk.GetImageFromArray(block)
+    i0, j0 = index_offset
+    origin = plane.to_physical(np.array([i0]), np.array([j0]), np.array([z0]))[0]
+    image.SetOrigin(tuple(float(v) for v in origin))
+    image.SetSpacing((plane.spacing[0], plane.spacing[1], dz))
+    image.SetDirection(plane.direction())
+    return image
+
+
 def stack_to_image(
     stack: np.ndarray,
     zvals: np.ndarray,
@@ -337,28 +367,10 @@ def stack_to_image(
     index_offset: tuple[int, int] = (0, 0),
     single_slice_spacing: float,
 ) -> tuple[sitk.Image, bool]:
-    """A (k, i, j) stack at slice positions ``zvals`` as a SimpleITK image; (image, resampled_in_z).
-
-    Non-uniform z is resampled (linear, along z only) onto a uniform grid with the median step, because a
-    SimpleITK image has one z spacing and an averaged spacing misplaces slices by up to 1.3 mm in LIDC.
-    ``index_offset`` = (i0, j0) places a sub-block (a consensus bounding box) in the series' plane.
-    """
-    zvals = np.asarray(zvals, dtype=np.float64)
-    resampled = False
-    if len(zvals) == 1:
-        dz = float(single_slice_spacing)
-    else:
-        dz = _uniform_spacing(zvals)
-        if dz is None:
-            dz = float(np.median(np.diff(zvals)))
-            stack, resampled = _resample_z(stack, zvals, dz), True
-    image = sitk.GetImageFromArray(stack)
-    i0, j0 = index_offset
-    origin = plane.to_physical(np.array([i0]), np.array([j0]), np.array([zvals[0]]))[0]
-    image.SetOrigin(tuple(float(v) for v in origin))
-    image.SetSpacing((plane.spacing[0], plane.spacing[1], dz))
-    image.SetDirection(plane.direction())
-    return image, resampled
+    """A (k, i, j) stack at slice positions ``zvals`` as a SimpleITK image (``uniform_stack``, ``block_image``);
+    (image, resampled_in_z)."""
+    uniform, dz, resampled = uniform_stack(stack, zvals, single_slice_spacing)
+    return block_image(uniform, plane, float(zvals[0]), dz, index_offset), resampled
 
 
 def _resample_z(stack: np.ndarray, zvals: np.ndarray, dz: float) -> np.ndarray:
@@ -376,31 +388,54 @@ def _resample_z(stack: np.ndarray, zvals: np.ndarray, dz: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LoadedSeries:
-    """A validated series as a SimpleITK int16 HU image (LPS, real z) plus what the crops need."""
+    """A validated series: int16 HU voxels on a uniform grid (LPS, real z) plus what the crops need.
 
-    image: sitk.Image
+    ``image`` is the whole series as a SimpleITK image, made on first use; preprocessing never makes it: each
+    crop is resampled from ``region_image``, the few slices and rows it needs (copying a whole series into
+    ITK's memory was an eighth of the preprocessing time of a scan).
+    """
+
+    voxels: np.ndarray  # (k, i, j) int16 HU; z-resampled onto a uniform grid when the slices were not uniform
+    z_step: float  # mm between the grid's slices; the first lies at zvals[0]
     zvals: np.ndarray  # real z of the present slices (before any z resampling)
     k_range: tuple[int, int]
     plane: InPlaneGeometry
     notes: tuple[str, ...]
     clipped_fraction: float
 
+    @cached_property
+    def image(self) -> sitk.Image:
+        """The whole series as a SimpleITK int16 image."""
+        return block_image(self.voxels, self.plane, float(self.zvals[0]), self.z_step)
+
+    def region_image(self, points_lps: np.ndarray, margin: int = 2) -> sitk.Image:
+        """The part of ``image`` that holds ``points_lps`` (N, 3) and ``margin`` voxels around them, on the same
+        grid: an interpolation at the points reads the same voxels from it as from ``image``."""
+        plane = self.plane
+        to_index = np.linalg.inv(np.asarray(plane.direction()).reshape(3, 3) @ np.diag([*plane.spacing, self.z_step]))
+        origin = plane.to_physical(np.array([0]), np.array([0]), np.array([self.zvals[0]]))[0]
+        jik = (np.asarray(points_lps, dtype=np.float64) - origin) @ to_index.T  # continuous (j, i, k) indices
+        size = np.array(self.voxels.shape)[[2, 1, 0]]
+        low = np.clip(np.floor(jik.min(axis=0)).astype(int) - margin, 0, size - 1)
+        high = np.clip(np.ceil(jik.max(axis=0)).astype(int) + margin, low, size - 1)
+        (j0, i0, k0), (j1, i1, k1) = low, high + 1
+        return block_image(self.voxels[k0:k1, i0:i1, j0:j1], plane, float(self.zvals[0]) + k0 * self.z_step,
+                           self.z_step, (int(i0), int(j0)))
+
 
 def load_series(
     scan, index: PatientIndex, *, hu_clip: tuple[int, int] | None = DEFAULT_HU_CLIP
 ) -> LoadedSeries:
-    """Strictly load ``scan``'s series as an image whose geometry uses the real z positions; raises SeriesError."""
+    """Strictly load ``scan``'s series as voxels on a grid whose geometry uses the real z positions; raises SeriesError."""
     stack = read_series(scan, index, hu_clip=hu_clip)
-    image, resampled = stack_to_image(
-        stack.hu, stack.zvals, stack.plane, single_slice_spacing=float(scan.slice_spacing)
-    )
+    voxels, z_step, resampled = uniform_stack(stack.hu, stack.zvals, float(scan.slice_spacing))
     notes = list(stack.notes)
     if resampled:
         notes.append(
             f"non-uniform slice z (steps {sorted(set(np.round(np.diff(stack.zvals), 3).tolist()))} mm) "
-            f"resampled to a uniform {image.GetSpacing()[2]:.3f} mm grid"
+            f"resampled to a uniform {z_step:.3f} mm grid"
         )
     return LoadedSeries(
-        image=image, zvals=stack.zvals, k_range=stack.k_range, plane=stack.plane, notes=tuple(notes),
+        voxels=voxels, z_step=z_step, zvals=stack.zvals, k_range=stack.k_range, plane=stack.plane, notes=tuple(notes),
         clipped_fraction=stack.clipped_fraction,
     )
