@@ -42,3 +42,30 @@ def test_slab_outside_the_grid_is_an_error():
     with pytest.raises(IndexError):
         slab_on_grid(np.zeros((20, 24), np.float32), _grid(0, False), 0, 16)
 
+
+
+@pytest.mark.parametrize("gzip_level", [0, 1])
+def test_a_written_volume_is_read_back_exactly_and_equal_volumes_give_equal_bytes(tmp_path, gzip_level):
+    # The CT (ISA-L, level 1) and the maps (stored, level 0) of a bundle: nibabel, the NIfTI reference reader,
+    # must see SimpleITK's voxels and geometry, and a rewrite must not change a byte (no timestamp, no name).
+    import gzip
+
+    import nibabel as nib
+
+    from ctcdam.export.volumes import write_volume
+
+    rng = np.random.default_rng(gzip_level)
+    voxels = rng.integers(-1024, 3071, size=(7, 20, 30)).astype(np.int16)
+    image = sitk.GetImageFromArray(voxels)
+    image.SetOrigin((-150.5, 20.25, -310.0))
+    image.SetSpacing((0.7, 0.7, 2.5))
+    first, second = write_volume(image, tmp_path / "a.nii.gz", gzip_level), write_volume(image, tmp_path / "b.nii.gz", gzip_level)
+    assert first.read_bytes() == second.read_bytes()
+    assert gzip.decompress(first.read_bytes())[:4] == (348).to_bytes(4, "little")  # a NIfTI-1 header inside
+    loaded = nib.load(first)
+    np.testing.assert_array_equal(np.asarray(loaded.dataobj), voxels.transpose(2, 1, 0))  # nibabel: (x, y, z)
+    ras_origin = loaded.affine[:3, 3]
+    np.testing.assert_allclose(ras_origin, (150.5, -20.25, -310.0), atol=1e-4)  # LPS -> RAS
+    np.testing.assert_allclose(np.abs(np.diag(loaded.affine)[:3]), (0.7, 0.7, 2.5), atol=1e-6)
+    stored = len(first.read_bytes()) > voxels.nbytes  # level 0 stores: the file holds every byte of the voxels
+    assert stored == (gzip_level == 0)
