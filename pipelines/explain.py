@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, help=f"noise samples of {_taking('samples')} (default 50)")
     p.add_argument("--steps", type=positive_int, help=f"path steps of {_taking('steps')} (default 50)")
     p.add_argument("--workers", type=non_negative_int, default=1,
-                   help="cohort: processes that load and write scans beside the model's (0: all in one; default: 1)")
+                   help="cohort: processes that write bundles (2 or more: and load scans) beside the model's (0: all in one; default: 1)")
     add_shard(p)
     p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="N",
                    help="cohort: images per explain call, packed across a scan's nodules (default: %(default)s)")

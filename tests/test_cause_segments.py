@@ -197,8 +197,8 @@ def test_without_causes_the_bundle_is_as_before(known_cause_set, cause_checkpoin
     result = explain_scan(SCANS[1], loaded, data.lidc_root, ExplainSettings(targets=("malignancy",), volume=False))
     assert any(n.causes for n in result.nodules)
     plain = replace(result, nodules=tuple(replace(n, causes={}) for n in result.nodules))
-    def no_views(*_: object) -> None:  # views.png is not what is compared here
-        return None
+    def no_views(*_: object):  # views.png is not what is compared here
+        return lambda: None
 
     with_causes = write_bundle(result, tmp_path / "with", views=no_views)
     without = write_bundle(plain, tmp_path / "without", views=no_views)

@@ -232,3 +232,17 @@ def test_cohort_arguments_and_inputs_are_refused_in_one_sentence(fold_checkpoint
             _cli_main()(["--scans", TEST_SCAN, *bad] if bad[0] != "--scan" else bad)
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_bundles_and_the_index_do_not_depend_on_the_worker_processes(fold_checkpoint, reference, tmp_path, workers):
+    # One worker: this process prepares the scans and the worker writes; two: the workers prepare (with the model
+    # inputs) and write. Either way the bundles and the index are those of the run in one process.
+    ref_out, ref_index, _ = reference
+    out = tmp_path / f"workers-{workers}"
+    argv = _argv(fold_checkpoint, out)
+    argv[argv.index("--workers") + 1] = workers
+    assert _cli_main()(argv) == 0
+    assert (out / worklist.INDEX_FILE).read_bytes() == ref_index
+    for scan in (TRAIN_SCAN, TEST_SCAN):
+        assert _bundle_contents(out / scan) == _bundle_contents(ref_out / scan), scan

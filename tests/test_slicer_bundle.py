@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -530,3 +531,26 @@ def test_views_png_is_the_scene_as_it_opens(opened: Opened):
     expected = compose_views(opened.opened_views, caption).astype(int)
     assert written.shape == expected.shape
     assert (np.abs(written - expected).max(axis=-1) <= 2).mean() > 0.999
+
+
+def test_the_cohort_renderer_survives_a_failed_request_and_serves_the_next(opened: Opened, tmp_path, caplog):
+    # One Slicer child serves bundle after bundle: a scene it cannot open costs that bundle its views.png (one log
+    # line) and the next request is served by the same child; a second request before the first is waited for
+    # is refused (the replies would be mixed up).
+    _needs_rendering()
+    from ctcdam.export.views_renderer import ViewsRenderer
+
+    with ViewsRenderer() as renderer:
+        started = renderer._child
+        assert started is not None and started.poll() is None  # started on entering, before any request
+        finish = renderer(tmp_path / "missing.mrb", tmp_path / "lost.png")
+        with pytest.raises(RuntimeError, match="not waited for"):
+            renderer(opened.bundle / f"{opened.bundle.name}.mrb", tmp_path / "early.png")
+        with caplog.at_level(logging.WARNING, logger="ctcdam.export.views_renderer"):
+            assert finish() is None
+        assert any("rendering failed" in r.message for r in caplog.records)
+        assert not (tmp_path / "lost.png").exists()
+        written = renderer(opened.bundle / f"{opened.bundle.name}.mrb", tmp_path / "views.png")()
+        assert renderer._child is started  # the same process
+    assert written == tmp_path / "views.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

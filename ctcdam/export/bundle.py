@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 #: A bundle's record (cohort runs), written last into the bundle folder.
 RECORD_FILE = "bundle.json"
 RECORD_FORMAT = "ctcdam.explain-bundle.v1"
-#: Renders ``views.png``: (scene bundle, png path, caption) -> the png, or None when it cannot be made.
-ViewsWriter = Callable[[Path, Path, str], "Path | None"]
+#: Starts rendering ``views.png``: (scene, png path, caption) -> the call that waits for it and returns the png, or
+#: None when it cannot be made (``slicer_render.start_views_png_isolated``, a cohort's ``ViewsRenderer``).
+ViewsWriter = Callable[[Path, Path, str], Callable[[], "Path | None"]]
 
 
 def nodule_map_files(nodule: NoduleResult) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
@@ -185,22 +186,23 @@ def preview_scene(spec: SceneSpec, folder: Path, ct_file: Path | None = None) ->
                    markups_file=absolute(spec.markups_file), table_file=absolute(spec.table_file))
 
 
-def _write_views(folder: Path, spec: SceneSpec, scan: ScanResult, views: ViewsWriter | None) -> None:
-    """``views.png``: the scene's three slice views as 3D Slicer opens them (only where slicer-core is installed),
-    rendered from the scene's preview (:func:`preview_scene`), written outside the bundle."""
-    from ctcdam.export.slicer_render import slicer_available, write_views_png_isolated
+def _start_views(folder: Path, spec: SceneSpec, scan: ScanResult, views: ViewsWriter | None,
+                 scratch: Path) -> Callable[[], Path | None]:
+    """Start ``views.png``: the scene's three slice views as 3D Slicer opens them (only where slicer-core is
+    installed), rendered from the scene's preview (:func:`preview_scene`) in ``scratch``; returns the call that
+    waits for it."""
+    from ctcdam.export.slicer_render import slicer_available, start_views_png_isolated
 
     if not slicer_available():
         log.info("views.png not written: 3D Slicer's libraries (slicer-core) are not installed")
-        return
-    with tempfile.TemporaryDirectory(prefix="ctcdam-preview-") as scratch:
-        # Scratch, not outputs (no atomic writes): the preview scene, and the CT as SimpleITK's uncompressed .nii
-        # of the same image (the same header and voxels as ct.nii.gz): the renderer need not inflate the CT again.
-        ct = Path(scratch) / "ct.nii"
-        sitk.WriteImage(ct_volume(scan.ct), str(ct), useCompression=False)
-        preview = Path(scratch) / f"{scan.scan_id}-preview.mrml"
-        preview.write_text(scene_text(preview_scene(spec, folder, ct)))
-        (views or write_views_png_isolated)(preview, folder / naming.VIEWS_FILE, views_caption(scan))
+        return lambda: None
+    # Scratch, not outputs (no atomic writes): the preview scene, and the CT as SimpleITK's uncompressed .nii
+    # of the same image (the same header and voxels as ct.nii.gz): the renderer need not inflate the CT again.
+    ct = scratch / "ct.nii"
+    sitk.WriteImage(ct_volume(scan.ct), str(ct), useCompression=False)
+    preview = scratch / f"{scan.scan_id}-preview.mrml"
+    preview.write_text(scene_text(preview_scene(spec, folder, ct)))
+    return (views or start_views_png_isolated)(preview, folder / naming.VIEWS_FILE, views_caption(scan))
 
 
 def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -> None:
@@ -226,9 +228,6 @@ def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -
             write_segmentation(causes, ct_grid, folder / causes_file)
         write_fiducials([_fiducial(n) for n in scan.nodules], folder / markups_file)
         write_predictions_table(scan.nodules, folder / table_file)
-        write_report(scan, folder / naming.REPORT_FILE,
-                     {n.index: folder / naming.nodule_report_file(n.index) for n in scan.nodules})
-    io.write_json(folder / naming.PREDICTIONS_FILE, predictions_document(scan))
     maps, foreground = _scene_maps(scan)
     focus, field_of_view = _view_focus(scan, ct_grid)
     spec = SceneSpec(ct_file=naming.CT_FILE, color_table_file=naming.COLOR_TABLE_FILE, maps=tuple(maps),
@@ -236,10 +235,20 @@ def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -
                      causes_segmentation_file=causes_file, markups_file=markups_file,
                      table_file=table_file, focus_lps=focus, field_of_view_mm=field_of_view,
                      axis_spacing_mm=axis_spacing_ras(ct_grid))
-    scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
-    write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
-    write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
-    _write_views(folder, spec, scan, views)
+    with tempfile.TemporaryDirectory(prefix="ctcdam-preview-") as scratch:
+        # Everything the views show is written: Slicer renders them in its own process while this one writes the
+        # report and the scene bundle (waited for in any case: a renderer serves one request at a time).
+        finish_views = _start_views(folder, spec, scan, views, Path(scratch))
+        try:
+            if scan.nodules:
+                write_report(scan, folder / naming.REPORT_FILE,
+                             {n.index: folder / naming.nodule_report_file(n.index) for n in scan.nodules})
+            io.write_json(folder / naming.PREDICTIONS_FILE, predictions_document(scan))
+            scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
+            write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
+            write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
+        finally:
+            finish_views()
 
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:

@@ -9,8 +9,9 @@ opened, so a rendering shows the views exactly as the scene opens them (research
 
 ``write_views_png`` renders the three views into ``views.png``; ``write_views_png_isolated`` does it in a
 child process (``python -m ctcdam.export.slicer_render``) so that a crash in native code or a missing EGL
-library costs the caller one log line and no bundle (``ctcdam.export.views_renderer`` keeps one such child
-for a whole cohort run). ``slicer-core`` is optional: nothing here is imported at module import time.
+library costs the caller one log line and no bundle; ``start_views_png_isolated`` starts the child and lets
+the caller work until it waits for it (``ctcdam.export.views_renderer`` keeps one such child for a whole
+cohort run). ``slicer-core`` is optional: nothing here is imported at module import time.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -339,30 +340,49 @@ def write_views_png(mrb: Path, path: Path, caption: str = "") -> Path:
     return Path(path)
 
 
-def write_views_png_isolated(mrb: Path, path: Path, caption: str = "", timeout_s: float = 180.0) -> Path | None:
-    """``write_views_png`` in a child process; None (with one log line saying why) when it cannot be made."""
+def start_views_png_isolated(mrb: Path, path: Path, caption: str = "",
+                             timeout_s: float = 180.0) -> Callable[[], Path | None]:
+    """Start ``write_views_png`` in a child process and return the call that waits for it and publishes ``path``
+    (None, with one log line saying why, when the views cannot be made); the caller works meanwhile."""
     problem = rendering_problem()
     if problem:
         log.info("views.png skipped: %s", problem)
-        return None
+        return lambda: None
     # The child renders into a scratch folder and this process publishes the PNG, so the bundle's writes (and
     # their fault-injection points, which the child does not inherit) all happen in the process that owns them.
-    env = child_environment()
-    with tempfile.TemporaryDirectory(prefix="ctcdam-views-") as scratch:
-        rendered = Path(scratch) / "views.png"
-        command = [sys.executable, "-m", "ctcdam.export.slicer_render", str(Path(mrb).resolve()), str(rendered)]
-        if caption:
-            command += ["--caption", caption]
+    scratch = tempfile.TemporaryDirectory(prefix="ctcdam-views-")
+    rendered, messages = Path(scratch.name) / "views.png", Path(scratch.name) / "stderr.txt"
+    command = [sys.executable, "-m", "ctcdam.export.slicer_render", str(Path(mrb).resolve()), str(rendered)]
+    if caption:
+        command += ["--caption", caption]
+    with open(messages, "w") as stderr:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                 env=child_environment())
+
+    def finish() -> Path | None:
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
-        except subprocess.TimeoutExpired:
-            log.warning("views.png skipped: Slicer's rendering took more than %.0f s", timeout_s)
-            return None
-        if result.returncode != 0 or not rendered.is_file():
-            reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-            log.warning("views.png skipped: Slicer's rendering failed (%s)", reason)
-            return None
-        return io.write_bytes(path, rendered.read_bytes())
+            try:
+                child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                log.warning("views.png skipped: Slicer's rendering took more than %.0f s", timeout_s)
+                return None
+            if child.returncode != 0 or not rendered.is_file():
+                lines = messages.read_text(errors="replace").strip().splitlines()
+                log.warning("views.png skipped: Slicer's rendering failed (%s)",
+                            (lines or [f"exit status {child.returncode}"])[-1])
+                return None
+            return io.write_bytes(path, rendered.read_bytes())
+        finally:
+            scratch.cleanup()
+
+    return finish
+
+
+def write_views_png_isolated(mrb: Path, path: Path, caption: str = "", timeout_s: float = 180.0) -> Path | None:
+    """``write_views_png`` in a child process; None (with one log line saying why) when it cannot be made."""
+    return start_views_png_isolated(mrb, path, caption, timeout_s)()
 
 
 def child_environment() -> dict[str, str]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -29,8 +30,9 @@ _REPLY = b"ctcdam-views "
 
 
 class ViewsRenderer:
-    """``views.png`` of bundle after bundle from one long-lived Slicer child process; call it like
-    ``write_views_png_isolated`` (None, with one log line, when a view cannot be made). Use as a context manager.
+    """``views.png`` of bundle after bundle from one long-lived Slicer child process, started on entering; call it
+    like ``start_views_png_isolated`` (its result waits: None, with one log line, when a view cannot be made).
+    Use as a context manager.
 
     A request that crashes or outlasts ``timeout_s`` costs that bundle its views.png: the child is replaced.
     """
@@ -41,9 +43,12 @@ class ViewsRenderer:
         self._buffer = b""
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._requests = 0
+        self._pending = False
 
     def __enter__(self) -> Self:
         self._scratch = tempfile.TemporaryDirectory(prefix="ctcdam-views-")
+        if rendering_problem() is None:
+            self._start()  # now: Slicer's start-up overlaps the caller's own (imports, the model, the first scan)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,33 +92,43 @@ class ViewsRenderer:
                 return None
             self._buffer += chunk
 
-    def __call__(self, mrb: Path, path: Path, caption: str = "") -> Path | None:
-        """Render ``mrb``'s views into ``path``; None with one log line when they cannot be made."""
+    def __call__(self, mrb: Path, path: Path, caption: str = "") -> Callable[[], Path | None]:
+        """Ask the child to render ``mrb``'s views and return the call that waits for them and publishes ``path``
+        (None, with one log line, when they cannot be made). One request at a time: wait before the next."""
         problem = rendering_problem()
         if problem:
             log.info("views.png skipped: %s", problem)
-            return None
+            return lambda: None
+        if self._pending:
+            raise RuntimeError("ViewsRenderer: the previous views.png was not waited for")
         child = self._child if self._child is not None and self._child.poll() is None else self._start()
         self._requests += 1
         rendered = Path(self._scratch.name) / f"views-{self._requests}.png"
         request = {"mrb": str(Path(mrb).resolve()), "png": str(rendered), "caption": caption}
         try:
             child.stdin.write((json.dumps(request) + "\n").encode())
+            sent = True
         except OSError:
-            reply = None
-        else:
-            reply = self._reply(child)
-        if reply is None:
-            log.warning("views.png skipped: Slicer's rendering process stopped or took more than %.0f s", self.timeout_s)
-            self._stop()
-            return None
-        if not reply.get("ok") or not rendered.is_file():
-            log.warning("views.png skipped: Slicer's rendering failed (%s)", reply.get("error", "no image"))
-            return None
-        try:
-            return io.write_bytes(path, rendered.read_bytes())
-        finally:
-            rendered.unlink(missing_ok=True)
+            sent = False
+        self._pending = True
+
+        def finish() -> Path | None:
+            self._pending = False
+            reply = self._reply(child) if sent else None
+            if reply is None:
+                log.warning("views.png skipped: Slicer's rendering process stopped or took more than %.0f s",
+                            self.timeout_s)
+                self._stop()
+                return None
+            if not reply.get("ok") or not rendered.is_file():
+                log.warning("views.png skipped: Slicer's rendering failed (%s)", reply.get("error", "no image"))
+                return None
+            try:
+                return io.write_bytes(path, rendered.read_bytes())
+            finally:
+                rendered.unlink(missing_ok=True)
+
+        return finish
 
 
 def serve() -> int:

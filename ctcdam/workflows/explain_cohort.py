@@ -3,7 +3,8 @@
 The scans come from ``--scans``, ``--scans-file`` or ``--split`` (the checkpoint's own folds: the scans holding
 its train, val or test nodules). The model loads once; worker processes (``ctcdam.workflows.explain_workers``)
 load and crop the next scans and write the finished bundles while the model explains the current scan, the images
-of all its nodules packed into calls of ``batch`` images.
+of all its nodules packed into calls of ``batch`` images (with one worker, the model's process loads and crops
+each scan before its maps, and the worker only writes).
 
 Every scan ends as one unit ``OUT/<scan_id>/``, published in one rename: its review bundle with a record,
 ``bundle.json`` (the settings, the stage seconds, the size and SHA-256 of every file), or, when the scan could not
@@ -220,15 +221,16 @@ def write_review_cohort(out_root: Path) -> Path:
 def _explain_cohort(todo: Sequence[str], pool: Any, loaded: Any, settings: Any, concept_query: str | None,
                     batch: int | None, out_root: Path, record_settings: Mapping[str, Any], checkpoint: Path,
                     lidc_root: Path) -> int:
-    """Explain ``todo`` through ``pool`` (prepare and write there, the model here); returns the scans with a unit."""
+    """Explain ``todo`` through ``pool`` (the model here, writing there, preparing there or, with one worker, here);
+    returns the scans with a unit."""
     from ctcdam.export.bundle import write_failed_unit
     from ctcdam.workflows.concept import build_concept
     from ctcdam.workflows.explain_scan import explain_prepared, prepare_spec
-    from ctcdam.workflows.explain_workers import PREPARE, WRITE
+    from ctcdam.workflows.explain_workers import PREPARE, WRITE, run_task
 
     concept = build_concept(loaded, concept_query) if concept_query else None  # once for the cohort
-    # The model inputs (the training transforms of every slice) go to the workers when there are several; one
-    # worker has the writing, and the model's process, idle half the time otherwise, makes them faster.
+    # The model inputs (the training transforms of every slice) go to the workers when there are several; with one,
+    # this process prepares the scans and makes their inputs, and the worker writes.
     spec = prepare_spec(loaded, lidc_root, settings if pool.size >= 2 else None)
     base_record = {"settings": dict(record_settings), "checkpoint": str(Path(checkpoint).resolve())}
 
@@ -240,12 +242,20 @@ def _explain_cohort(todo: Sequence[str], pool: Any, loaded: Any, settings: Any, 
     queued, ready = deque(todo), OrderedDict()
     preparing, writing, finished = set(), set(), 0
     ahead = pool.size + 1  # scans held in memory beyond the one the model works on
+    # With one worker, this process prepares each scan itself (series, crops) between the model's scans and the
+    # worker only writes bundles: writing is the longer part, and this process would otherwise wait for it (a
+    # worker that also prepared when idle was no faster: its first scan loads pylidc and the readers cold).
+    prepare_here = pool.size == 1
     while queued or ready or preparing or writing:
-        while queued and len(preparing) + len(ready) < ahead:
+        outcome = None
+        if prepare_here and queued and not ready:
+            scan_id = queued.popleft()
+            outcome = run_task(PREPARE, scan_id, spec, out_root, None)
+        while not prepare_here and queued and len(preparing) + len(ready) < ahead:
             scan_id = queued.popleft()
             preparing.add(scan_id)
             pool.submit(PREPARE, scan_id, spec)
-        if ready and len(writing) < ahead:
+        if outcome is None and ready and len(writing) < ahead:
             scan_id, prepared = ready.popitem(last=False)
             try:
                 result = explain_prepared(prepared, loaded, settings, concept, images_per_call=batch)
@@ -258,8 +268,9 @@ def _explain_cohort(todo: Sequence[str], pool: Any, loaded: Any, settings: Any, 
             writing.add(scan_id)
             pool.submit(WRITE, scan_id, (result, {**base_record, "scan_id": scan_id, "seconds": seconds}))
             continue
-        outcome = pool.next_outcome()
-        (preparing if outcome.kind == PREPARE else writing).discard(outcome.scan_id)
+        if outcome is None:
+            outcome = pool.next_outcome()
+            (preparing if outcome.kind == PREPARE else writing).discard(outcome.scan_id)
         if outcome.output_error:
             raise io.OutputError(outcome.output_errno, outcome.output_error)
         if outcome.lost:
