@@ -69,3 +69,18 @@ def test_a_written_volume_is_read_back_exactly_and_equal_volumes_give_equal_byte
     np.testing.assert_allclose(np.abs(np.diag(loaded.affine)[:3]), (0.7, 0.7, 2.5), atol=1e-6)
     stored = len(first.read_bytes()) > voxels.nbytes  # level 0 stores: the file holds every byte of the voxels
     assert stored == (gzip_level == 0)
+
+
+def test_the_kept_uncompressed_volume_is_what_the_gzip_holds(tmp_path):
+    # A bundle's CT: its uncompressed .nii is kept in scratch for Slicer's renderer instead of being written twice.
+    import gzip
+
+    from ctcdam.export.volumes import write_volume
+
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    kept = tmp_path / "scratch" / "ct.nii"
+    kept.parent.mkdir()
+    written = write_volume(image, tmp_path / "ct.nii.gz", 1, keep_uncompressed=kept)
+    assert gzip.decompress(written.read_bytes()) == kept.read_bytes()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(kept))), sitk.GetArrayFromImage(image))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "scratch"]  # no temporary left

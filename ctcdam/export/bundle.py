@@ -187,26 +187,31 @@ def preview_scene(spec: SceneSpec, folder: Path, ct_file: Path | None = None) ->
 
 
 def _start_views(folder: Path, spec: SceneSpec, scan: ScanResult, views: ViewsWriter | None,
-                 scratch: Path) -> Callable[[], Path | None]:
+                 ct: Path) -> Callable[[], Path | None]:
     """Start ``views.png``: the scene's three slice views as 3D Slicer opens them (only where slicer-core is
-    installed), rendered from the scene's preview (:func:`preview_scene`) in ``scratch``; returns the call that
-    waits for it."""
+    installed), rendered from the scene's preview (:func:`preview_scene`) beside ``ct``, the CT as SimpleITK's
+    uncompressed .nii (the same header and voxels as ct.nii.gz: the renderer need not inflate it again); returns
+    the call that waits for it."""
     from ctcdam.export.slicer_render import slicer_available, start_views_png_isolated
 
     if not slicer_available():
         log.info("views.png not written: 3D Slicer's libraries (slicer-core) are not installed")
         return lambda: None
-    # Scratch, not outputs (no atomic writes): the preview scene, and the CT as SimpleITK's uncompressed .nii
-    # of the same image (the same header and voxels as ct.nii.gz): the renderer need not inflate the CT again.
-    ct = scratch / "ct.nii"
-    sitk.WriteImage(ct_volume(scan.ct), str(ct), useCompression=False)
-    preview = scratch / f"{scan.scan_id}-preview.mrml"
+    preview = ct.parent / f"{scan.scan_id}-preview.mrml"  # scratch, not outputs (no atomic writes)
     preview.write_text(scene_text(preview_scene(spec, folder, ct)))
     return (views or start_views_png_isolated)(preview, folder / naming.VIEWS_FILE, views_caption(scan))
 
 
 def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -> None:
-    write_volume(ct_volume(scan.ct), folder / naming.CT_FILE, gzip_level=CT_GZIP_LEVEL)
+    with tempfile.TemporaryDirectory(prefix="ctcdam-preview-") as scratch:
+        # The CT's uncompressed .nii, which its gzip wraps, stays in scratch for the views' renderer.
+        ct = Path(scratch) / "ct.nii"
+        write_volume(ct_volume(scan.ct), folder / naming.CT_FILE, gzip_level=CT_GZIP_LEVEL, keep_uncompressed=ct)
+        _write_rest(scan, folder, views, ct)
+
+
+def _write_rest(scan: ScanResult, folder: Path, views: ViewsWriter | None, ct: Path) -> None:
+    """Everything of the bundle after its CT (``ct``: the CT's uncompressed scratch copy)."""
     # The CT's geometry as readers see it (float32 in NIfTI): the segmentation's lattice and reference geometry.
     ct_grid = written_geometry(folder / naming.CT_FILE)
     for nodule in scan.nodules:
@@ -235,20 +240,19 @@ def _write_contents(scan: ScanResult, folder: Path, views: ViewsWriter | None) -
                      causes_segmentation_file=causes_file, markups_file=markups_file,
                      table_file=table_file, focus_lps=focus, field_of_view_mm=field_of_view,
                      axis_spacing_mm=axis_spacing_ras(ct_grid))
-    with tempfile.TemporaryDirectory(prefix="ctcdam-preview-") as scratch:
-        # Everything the views show is written: Slicer renders them in its own process while this one writes the
-        # report and the scene bundle (waited for in any case: a renderer serves one request at a time).
-        finish_views = _start_views(folder, spec, scan, views, Path(scratch))
-        try:
-            if scan.nodules:
-                write_report(scan, folder / naming.REPORT_FILE,
-                             {n.index: folder / naming.nodule_report_file(n.index) for n in scan.nodules})
-            io.write_json(folder / naming.PREDICTIONS_FILE, predictions_document(scan))
-            scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
-            write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
-            write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
-        finally:
-            finish_views()
+    # Everything the views show is written: Slicer renders them in its own process while this one writes the
+    # report and the scene bundle (waited for in any case: a renderer serves one request at a time).
+    finish_views = _start_views(folder, spec, scan, views, ct)
+    try:
+        if scan.nodules:
+            write_report(scan, folder / naming.REPORT_FILE,
+                         {n.index: folder / naming.nodule_report_file(n.index) for n in scan.nodules})
+        io.write_json(folder / naming.PREDICTIONS_FILE, predictions_document(scan))
+        scene_file = write_scene(spec, folder / f"{scan.scan_id}.mrml")
+        write_review_script(spec, folder / naming.REVIEW_SCRIPT_FILE, focus_lps=focus)
+        write_scene_bundle(scene_file, spec.files(), folder / f"{scan.scan_id}.mrb")
+    finally:
+        finish_views()
 
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:

@@ -39,18 +39,21 @@ CT_GZIP_LEVEL = 1
 MAP_GZIP_LEVEL = 0
 
 
-def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None) -> Path:
+def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None,
+                 keep_uncompressed: Path | None = None) -> Path:
     """Write a volume with SimpleITK (NIfTI: qform_code = sform_code = 1, identical matrices).
 
     With ``gzip_level`` a ``.nii.gz`` is SimpleITK's own uncompressed ``.nii`` (the same header and voxels) wrapped
     in gzip, without a timestamp or name in the gzip header, so equal volumes give equal bytes: level 0 stores
-    (zlib), levels 1-3 are ISA-L's.
+    (zlib), levels 1-3 are ISA-L's. ``keep_uncompressed`` (a scratch path, not an output) keeps that ``.nii``.
     """
     path = Path(path)
     if gzip_level is None or not path.name.endswith(".nii.gz"):
         return io.write_image(path, image)
     with io.atomic_file(path) as temporary:
-        uncompressed = temporary.with_name(temporary.name.removesuffix(".gz"))  # a temporary name too
+        # a temporary name too, unless the caller keeps it
+        uncompressed = (Path(keep_uncompressed) if keep_uncompressed is not None
+                        else temporary.with_name(temporary.name.removesuffix(".gz")))
         try:
             sitk.WriteImage(image, str(uncompressed), useCompression=False)
             packer = gzip.GzipFile if gzip_level == 0 else igzip.IGzipFile
@@ -58,7 +61,8 @@ def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None) -
                     packer(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
                 shutil.copyfileobj(source, packed, _COPY_CHUNK)
         finally:
-            uncompressed.unlink(missing_ok=True)
+            if keep_uncompressed is None:
+                uncompressed.unlink(missing_ok=True)
     return path
 
 
