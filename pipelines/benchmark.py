@@ -14,12 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from ctcdam.cli.common import (
-    ArgumentParser, add_device, add_threads, add_verbosity, name_list, non_negative_int, positive_int, report_error,
-    setup_logging, torch_threads,
+    ArgumentParser,
+    add_device,
+    add_threads,
+    add_verbosity,
+    exit_process,
+    name_list,
+    non_negative_int,
+    positive_int,
+    report_error,
+    setup_logging,
+    torch_threads,
 )
 
 PROG = "benchmark.py"
@@ -177,4 +185,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ctcdam.cli.common import (
-    EXIT_FAILURE, ArgumentParser, add_device, add_out, add_run, add_threads, add_verbosity, positive_int,
+    EXIT_FAILURE, ArgumentParser, add_device, add_out, add_run, add_threads, add_verbosity, exit_process, positive_int,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,4 +155,4 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +21,7 @@ from ctcdam.cli.common import (
     add_run,
     add_threads,
     add_verbosity,
+    exit_process,
     name_list,
     positive_int,
     report_error,
@@ -133,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from ctcdam.cli.common import (
     ArgumentParser,
     add_device,
     add_out,
-    add_threads,
     add_shard,
+    add_threads,
     add_verbosity,
+    exit_process,
     name_list,
     non_negative_int,
     positive_int,
@@ -137,4 +137,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

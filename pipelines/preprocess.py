@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ctcdam.cli.common import (
-    ArgumentParser, add_out, add_verbosity, name_list, positive_int, report_error, setup_logging,
+    ArgumentParser, add_out, add_verbosity, exit_process, name_list, positive_int, report_error, setup_logging,
 )
 from ctcdam.io import OutputError
 from ctcdam.lidc.crops import CropSpec
@@ -104,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,9 +9,9 @@ The run lives in ctcdam.workflows.train (examples and outputs: --help).
 """
 from __future__ import annotations
 
-import sys
 
+from ctcdam.cli.common import exit_process
 from ctcdam.workflows.train import cli_main
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    exit_process(cli_main())

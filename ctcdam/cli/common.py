@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+def exit_process(code: int | None) -> NoReturn:
+    """End the process with ``code`` without the interpreter's last garbage collections over every imported object.
+
+    Why: after torch, timm and MONAI are imported, those collections take 1.3-1.6 s of every run's exit on the
+    2-core machine (0.3 s once the objects are frozen out of the collector). Nothing is skipped but the search for
+    reference cycles: the exit handlers still run (logging flushes, temporary folders go) and files are closed.
+    """
+    gc.freeze()
+    sys.exit(code)
+
 
 #: Device names accepted by ``--device`` (checked here; availability is checked where the device is used).
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

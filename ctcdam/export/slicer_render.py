@@ -410,4 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ctcdam.cli.common import exit_process
+
+    exit_process(main())

@@ -148,4 +148,6 @@ def serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    from ctcdam.cli.common import exit_process
+
+    exit_process(serve())

@@ -13,6 +13,7 @@ A worker that dies (out of memory, a crash in native code) loses its task: the s
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -115,6 +116,7 @@ def _work(tasks: Any, outcomes: Any, out_root: Path, parent: int) -> None:
         for kind, scan_id, payload in iter(lambda: _next_task(tasks, parent), None):
             outcomes.put(("started", os.getpid(), kind, scan_id))
             outcomes.put(("done", os.getpid(), run_task(kind, scan_id, payload, out_root, views)))
+    gc.freeze()  # the run waits for this exit: spare it the collector's last passes (see cli.common.exit_process)
 
 
 class WorkerPool:
