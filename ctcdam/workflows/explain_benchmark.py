@@ -5,13 +5,17 @@ runs ``--scan`` once per scan (each run imports torch, loads the model, starts S
 cohort runs ``--scans`` once (one import, one model load, one Slicer renderer per worker, workers loading and
 writing while the model works). The time split (load, crop, maps, write) is the sum over the cohort's bundle
 records, the stage seconds of every scan wherever they ran (with workers they overlap, so their sum can exceed
-the cohort's wall time). The model is the synthetic demo's architecture (``configs/demo.yaml``) with random
+the cohort's wall time). The CPU seconds of each command are those of its whole process tree (workers and Slicer
+children included, from ``getrusage``); ``cohort_vs_loop_at_full_cpu`` is the ratio the cohort would reach if its
+CPU work kept every core busy from its first second to its last: a bound on what overlapping can still give with
+the work as it is. The model is the synthetic demo's architecture (``configs/demo.yaml``) with random
 weights unless a checkpoint is given: the cost of a map does not depend on what the weights learned.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,16 +58,19 @@ def demo_checkpoint(path: Path, manifest: Path | None = None) -> Path:
     return Path(path)
 
 
-def _explain(args: Sequence[str], threads: int | None) -> float:
-    """Wall seconds of one ``pipelines/explain.py`` process; RuntimeError with its last lines when it fails."""
+def _explain(args: Sequence[str], threads: int | None) -> tuple[float, float]:
+    """Wall and CPU seconds of one ``pipelines/explain.py`` process and its children; RuntimeError with its last
+    lines when it fails."""
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     command = [sys.executable, str(EXPLAIN_SCRIPT), *args, "-q", *([] if threads is None else ["--threads", str(threads)])]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {' '.join(done.stderr.strip().splitlines()[-3:])}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _stage_seconds(out: Path, scan_ids: Sequence[str]) -> dict[str, float]:
@@ -90,9 +97,10 @@ def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | 
             data = torch.load(checkpoint, map_location="cpu", weights_only=True)["ctcdam"]["data"]
             scan_ids = split_scans(data, "test")[:n_scans]
         common = ["--checkpoint", str(checkpoint), *extra_args]
-        loop = sum(_explain(["--scan", scan_id, "--out", str(scratch / "loop"), *common], threads) for scan_id in scan_ids)
-        cohort = _explain(["--scans", *scan_ids, "--out", str(scratch / "cohort"), "--workers", str(workers), *common],
-                          threads)
+        runs = [_explain(["--scan", scan_id, "--out", str(scratch / "loop"), *common], threads) for scan_id in scan_ids]
+        loop, loop_cpu = sum(wall for wall, _ in runs), sum(cpu for _, cpu in runs)
+        cohort, cohort_cpu = _explain(["--scans", *scan_ids, "--out", str(scratch / "cohort"), "--workers",
+                                       str(workers), *common], threads)
         index = worklist.read_index(str(scratch / "cohort"))
         nodules = len(index)
         loop_nodules = sum(len(json.loads((scratch / "loop" / s / "predictions.json").read_text())["nodules"])
@@ -100,6 +108,7 @@ def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | 
         if loop_nodules != nodules:
             raise RuntimeError(f"the loop explained {loop_nodules} nodules, the cohort {nodules}")
         seconds = _stage_seconds(scratch / "cohort", scan_ids)
+    cores = len(os.sched_getaffinity(0))
     return {
         "ratios": {"cohort_vs_loop": loop / cohort},
         "nodules_per_s": nodules / cohort,
@@ -107,6 +116,10 @@ def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | 
         "targets": dict(TARGETS),
         "loop_nodules_per_s": nodules / loop,
         "wall_seconds": {"cohort": round(cohort, 2), "loop": round(loop, 2)},
+        "cpu_seconds": {"cohort": round(cohort_cpu, 2), "loop": round(loop_cpu, 2)},
+        "cores": cores,
+        "cohort_cpu_use": cohort_cpu / (cohort * cores),
+        "bounds": {"cohort_vs_loop_at_full_cpu": loop / (cohort_cpu / cores)},
         "scans": list(scan_ids),
         "nodules": nodules,
         "workers": workers,
