@@ -42,6 +42,7 @@ EXAMPLES = """\
   python pipelines/benchmark.py --preprocess --scans LIDC-IDRI-0001,LIDC-IDRI-0003 --json
   python pipelines/benchmark.py --train --epochs 5 --threads 1                # head fine-tuning, cache vs no cache
   python pipelines/benchmark.py --explain --json                              # 5 synthetic scans: cohort vs loop
+  python pipelines/benchmark.py --explain --n-scans 20                        # a reader-study-sized cohort
 """
 
 
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "5 of the checkpoint's test fold)")
     parser.add_argument("--checkpoint", type=Path,
                         help="--explain: training checkpoint (default: the synthetic demo's model, random weights)")
+    parser.add_argument("--n-scans", type=positive_int, default=5, metavar="N",
+                        help="--explain without --scans: N scans of the checkpoint, its test fold first "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=1,
                         help="--explain: worker processes of the cohort command (default: %(default)s)")
     parser.add_argument("--no-volume", action="store_true", help="--explain: both commands skip the 3D maps")
@@ -137,8 +141,9 @@ def _run_explain(args: argparse.Namespace) -> dict:
 
     # one torch thread unless --threads says otherwise: on a shared CPU, spinning OpenMP threads cost more than
     # they give to a model this small (the same choice as configs/demo.yaml's training)
-    data = benchmark_explain(checkpoint=args.checkpoint, scan_ids=args.scans, workers=args.workers,
-                             threads=args.threads or 1, extra_args=("--no-volume",) if args.no_volume else ())
+    data = benchmark_explain(checkpoint=args.checkpoint, scan_ids=args.scans, n_scans=args.n_scans,
+                             workers=args.workers, threads=args.threads or 1,
+                             extra_args=("--no-volume",) if args.no_volume else ())
     if not args.json:
         wall = data["wall_seconds"]
         print(f"explain {data['nodules']} nodules of {', '.join(data['scans'])} ({data['workers']} worker(s))")

@@ -85,7 +85,7 @@ def _stage_seconds(out: Path, scan_ids: Sequence[str]) -> dict[str, float]:
 def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | None = None, n_scans: int = 5,
                       workers: int = 1, threads: int | None = 1, extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """Nodules per second of the cohort command and of a loop of single-scan commands on the same scans (default:
-    the first ``n_scans`` scans of the checkpoint's test fold), and the cohort's time split. ``extra_args`` go to
+    ``n_scans`` of the checkpoint's scans: its test fold first, then its other scans), and the cohort's time split. ``extra_args`` go to
     both, e.g. ``("--no-volume",)``."""
     with tempfile.TemporaryDirectory(prefix="ctcdam-explain-benchmark-") as scratch:
         scratch = Path(scratch)
@@ -95,7 +95,8 @@ def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | 
             import torch
 
             data = torch.load(checkpoint, map_location="cpu", weights_only=True)["ctcdam"]["data"]
-            scan_ids = split_scans(data, "test")[:n_scans]
+            test = split_scans(data, "test")
+            scan_ids = [*test, *(s for s in split_scans(data, "all") if s not in test)][:n_scans]
         common = ["--checkpoint", str(checkpoint), *extra_args]
         runs = [_explain(["--scan", scan_id, "--out", str(scratch / "loop"), *common], threads) for scan_id in scan_ids]
         loop, loop_cpu = sum(wall for wall, _ in runs), sum(cpu for _, cpu in runs)
