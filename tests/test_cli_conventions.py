@@ -137,3 +137,23 @@ def test_bad_inputs_exit_2_with_one_sentence(tmp_path: Path, blob_manifest: Path
     ):
         assert _pipeline(name).main(args) == 2, name
         _assert_one_sentence(2, capsys.readouterr().err, name, only_line=False)
+
+
+def test_exit_process_keeps_the_exit_code_the_output_and_the_exit_handlers(tmp_path: Path):
+    # exit_process skips only the collector's last passes: what a pipeline's exit must still do, it does
+    marker = tmp_path / "atexit-ran"
+    program = (
+        "import atexit, logging, sys\n"
+        "from pathlib import Path\n"
+        "from ctcdam.cli.common import exit_process\n"
+        f"atexit.register(lambda: Path({str(marker)!r}).write_text('ran'))\n"
+        "logging.basicConfig(stream=sys.stderr, format='%(message)s')\n"
+        "logging.getLogger('x').warning('logged line')\n"
+        "sys.stdout.write('unflushed line')\n"
+        "exit_process(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "unflushed line"
+    assert "logged line" in done.stderr
+    assert marker.read_text() == "ran"
