@@ -17,17 +17,8 @@ import logging
 from pathlib import Path
 
 from ctcdam.cli.common import (
-    ArgumentParser,
-    add_device,
-    add_threads,
-    add_verbosity,
-    exit_process,
-    name_list,
-    non_negative_int,
-    positive_int,
-    report_error,
-    setup_logging,
-    torch_threads,
+    ArgumentParser, add_device, add_threads, add_verbosity, exit_process, name_list, non_negative_int,
+    positive_int, report_error, setup_logging, torch_threads,
 )
 
 PROG = "benchmark.py"
