@@ -85,8 +85,8 @@ def _stage_seconds(out: Path, scan_ids: Sequence[str]) -> dict[str, float]:
 def benchmark_explain(checkpoint: Path | None = None, scan_ids: Sequence[str] | None = None, n_scans: int = 5,
                       workers: int = 1, threads: int | None = 1, extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """Nodules per second of the cohort command and of a loop of single-scan commands on the same scans (default:
-    ``n_scans`` of the checkpoint's scans: its test fold first, then its other scans), and the cohort's time split. ``extra_args`` go to
-    both, e.g. ``("--no-volume",)``."""
+    ``n_scans`` of the checkpoint's scans, its test fold first), the cohort's time split and the CPU seconds of
+    both. ``extra_args`` go to both, e.g. ``("--no-volume",)``."""
     with tempfile.TemporaryDirectory(prefix="ctcdam-explain-benchmark-") as scratch:
         scratch = Path(scratch)
         if checkpoint is None:
