@@ -84,3 +84,34 @@ def test_the_kept_uncompressed_volume_is_what_the_gzip_holds(tmp_path):
     assert gzip.decompress(written.read_bytes()) == kept.read_bytes()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(kept))), sitk.GetArrayFromImage(image))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "scratch"]  # no temporary left
+
+
+@pytest.mark.parametrize("gzip_level", [0, 1])
+def test_maps_on_a_shared_grid_are_written_as_simpleitk_writes_each(tmp_path, gzip_level):
+    # A nodule's nine maps share a grid, so the grid writer reuses the first one's header: every file must still be
+    # byte for byte what SimpleITK's own path writes, across grids, pixel types and metadata (no header mixed up),
+    # and read back by nibabel with its own voxels and geometry.
+    import nibabel as nib
+
+    from ctcdam.export.volumes import GridVolumeWriter, image_on_grid, write_volume
+
+    rng = np.random.default_rng(7)
+    grids = [_grid(seed, seed % 2 == 1) for seed in range(3)]
+    moved = _grid(0, False)  # another nodule's crop: only the origin differs
+    moved.SetOrigin(tuple(v + 3.0 for v in moved.GetOrigin()))
+    grids.append(moved)
+    shape = (16, 20, 24)  # (z, y, x) of the grids
+    tagged = image_on_grid(np.zeros(shape, np.float32), grids[0])
+    tagged.SetMetaData("ITK_FileNotes", "a tagged map")  # SimpleITK writes it into the header's descrip
+    writer = GridVolumeWriter()
+    cases = [image_on_grid(rng.normal(size=shape).astype(np.float32), grid) for grid in grids for _ in range(3)]
+    cases += [slab_on_grid(rng.normal(size=shape[:2]).astype(np.float32), grids[1], 2, 5) for _ in range(2)]
+    cases += [image_on_grid(rng.integers(-5, 5, size=shape).astype(np.int16), grids[0]), tagged]
+    for k, image in enumerate(cases):
+        ours = writer.write(image, tmp_path / f"map{k}.nii.gz", gzip_level)
+        reference = write_volume(image, tmp_path / "reference" / f"map{k}.nii.gz", gzip_level=gzip_level)
+        assert ours.read_bytes() == reference.read_bytes(), k
+        loaded = nib.load(ours)
+        np.testing.assert_array_equal(np.asarray(loaded.dataobj), sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+        np.testing.assert_allclose(loaded.affine[:3, 3], np.array(image.GetOrigin()) * (-1, -1, 1), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(f"map{k}.nii.gz" for k in range(len(cases)))

@@ -47,6 +47,7 @@ from ctcdam.export.table import value_text, write_predictions_table
 from ctcdam.export.volumes import (
     CT_GZIP_LEVEL,
     MAP_GZIP_LEVEL,
+    GridVolumeWriter,
     axis_spacing_ras,
     ct_volume,
     nearest_voxel_centre,
@@ -214,13 +215,14 @@ def _write_rest(scan: ScanResult, folder: Path, views: ViewsWriter | None, ct: P
     """Everything of the bundle after its CT (``ct``: the CT's uncompressed scratch copy)."""
     # The CT's geometry as readers see it (float32 in NIfTI): the segmentation's lattice and reference geometry.
     ct_grid = written_geometry(folder / naming.CT_FILE)
+    maps_writer = GridVolumeWriter()
     for nodule in scan.nodules:
         maps, view_files = nodule_map_files(nodule)
         for name, file in maps.items():
-            write_volume(nodule.maps[name], folder / file, gzip_level=MAP_GZIP_LEVEL)
+            maps_writer.write(nodule.maps[name], folder / file, gzip_level=MAP_GZIP_LEVEL)
         for name, per_view in view_files.items():
             for view, file in per_view.items():
-                write_volume(nodule.view_maps[name][view], folder / file, gzip_level=MAP_GZIP_LEVEL)
+                maps_writer.write(nodule.view_maps[name][view], folder / file, gzip_level=MAP_GZIP_LEVEL)
     write_color_table(folder / naming.COLOR_TABLE_FILE)
     segmentation_file = causes_file = markups_file = table_file = None
     if scan.nodules:

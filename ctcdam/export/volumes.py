@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,11 @@ CT_GZIP_LEVEL = 1
 MAP_GZIP_LEVEL = 0
 
 
+def _packer(gzip_level: int) -> type:
+    """The gzip writer of a level: zlib's for 0 (stored blocks), ISA-L's for 1-3."""
+    return gzip.GzipFile if gzip_level == 0 else igzip.IGzipFile
+
+
 def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None,
                  keep_uncompressed: Path | None = None) -> Path:
     """Write a volume with SimpleITK (NIfTI: qform_code = sform_code = 1, identical matrices).
@@ -56,14 +62,56 @@ def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None,
                         else temporary.with_name(temporary.name.removesuffix(".gz")))
         try:
             sitk.WriteImage(image, str(uncompressed), useCompression=False)
-            packer = gzip.GzipFile if gzip_level == 0 else igzip.IGzipFile
             with open(uncompressed, "rb") as source, open(temporary, "wb") as target, \
-                    packer(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
+                    _packer(gzip_level)(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
                 shutil.copyfileobj(source, packed, _COPY_CHUNK)
         finally:
             if keep_uncompressed is None:
                 uncompressed.unlink(missing_ok=True)
     return path
+
+
+def _grid_key(image: sitk.Image) -> tuple:
+    """What a NIfTI header that SimpleITK writes depends on: geometry, pixel type and metadata."""
+    metadata = tuple((key, image.GetMetaData(key)) for key in sorted(image.GetMetaDataKeys()))
+    return (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(), image.GetPixelID(),
+            image.GetNumberOfComponentsPerPixel(), metadata)
+
+
+class GridVolumeWriter:
+    """``write_volume`` for many volumes on few grids (a nodule's nine maps share one): SimpleITK writes the first
+    volume of each grid, and the others reuse its header, whose bytes depend only on the key of ``_grid_key``.
+
+    Bytes equal to ``write_volume``'s; it saves a temporary ``.nii`` written and read back per map (about 60 % of
+    writing 36 maps a nodule). A header is only reused after SimpleITK's own file was checked to be that header
+    followed by the array's bytes; otherwise every volume of that grid goes through SimpleITK.
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[tuple, bytes | None] = {}
+
+    def write(self, image: sitk.Image, path: Path, gzip_level: int = MAP_GZIP_LEVEL) -> Path:
+        """Write ``image`` to a ``.nii.gz`` at ``gzip_level``, as ``write_volume`` would."""
+        path = Path(path)
+        key = _grid_key(image)
+        header = self._headers.get(key)
+        voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+        if header is None:
+            if key in self._headers or not path.name.endswith(".nii.gz"):  # checked and refused, or not gzip
+                return write_volume(image, path, gzip_level=gzip_level)
+            with tempfile.TemporaryDirectory(prefix="ctcdam-nii-") as scratch:
+                uncompressed = Path(scratch) / "volume.nii"
+                write_volume(image, path, gzip_level=gzip_level, keep_uncompressed=uncompressed)
+                written = uncompressed.read_bytes()
+            body = voxels.tobytes()
+            fits = len(written) > len(body) and written[len(written) - len(body):] == body
+            self._headers[key] = written[:len(written) - len(body)] if fits else None
+            return path
+        with io.atomic_file(path) as temporary, open(temporary, "wb") as target, \
+                _packer(gzip_level)(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
+            packed.write(header)
+            packed.write(memoryview(voxels).cast("B"))
+        return path
 
 
 def written_geometry(path: Path) -> sitk.Image:
