@@ -1,10 +1,13 @@
 """NIfTI volumes of a bundle: the CT and the CDAM maps, written by SimpleITK so that qform == sform."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,9 +43,14 @@ CT_GZIP_LEVEL = 1
 MAP_GZIP_LEVEL = 0
 
 
-def _packer(gzip_level: int) -> type:
-    """The gzip writer of a level: zlib's for 0 (stored blocks), ISA-L's for 1-3."""
-    return gzip.GzipFile if gzip_level == 0 else igzip.IGzipFile
+@contextlib.contextmanager
+def _gzip_file(temporary: Path, gzip_level: int) -> Iterator[Any]:
+    """A gzip stream into ``temporary``, without a name or timestamp in its header (equal data, equal bytes): zlib's
+    for level 0 (stored blocks), ISA-L's for 1-3."""
+    packer = gzip.GzipFile if gzip_level == 0 else igzip.IGzipFile
+    with open(temporary, "wb") as target, packer(filename="", mode="wb", fileobj=target, compresslevel=gzip_level,
+                                                 mtime=0) as packed:
+        yield packed
 
 
 def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None,
@@ -62,8 +70,7 @@ def write_volume(image: sitk.Image, path: Path, gzip_level: int | None = None,
                         else temporary.with_name(temporary.name.removesuffix(".gz")))
         try:
             sitk.WriteImage(image, str(uncompressed), useCompression=False)
-            with open(uncompressed, "rb") as source, open(temporary, "wb") as target, \
-                    _packer(gzip_level)(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
+            with open(uncompressed, "rb") as source, _gzip_file(temporary, gzip_level) as packed:
                 shutil.copyfileobj(source, packed, _COPY_CHUNK)
         finally:
             if keep_uncompressed is None:
@@ -107,8 +114,7 @@ class GridVolumeWriter:
             fits = len(written) > len(body) and written[len(written) - len(body):] == body
             self._headers[key] = written[:len(written) - len(body)] if fits else None
             return path
-        with io.atomic_file(path) as temporary, open(temporary, "wb") as target, \
-                _packer(gzip_level)(filename="", mode="wb", fileobj=target, compresslevel=gzip_level, mtime=0) as packed:
+        with io.atomic_file(path) as temporary, _gzip_file(temporary, gzip_level) as packed:
             packed.write(header)
             packed.write(memoryview(voxels).cast("B"))
         return path
